@@ -1,0 +1,1 @@
+"""Data files shipped with safeguard (the harmless prompt set)."""
