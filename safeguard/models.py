@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._hub import is_cached, require_hub
 from .errors import ModelLoadError
 
 __all__ = [
@@ -123,37 +124,28 @@ def embedded_model_folder() -> Path:
     return target
 
 
-def _is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _hub_folder_or_raise(model_id: str) -> str | None:
-    """For a hub id: the cached snapshot if there is one (so no network is touched), else ``None`` when
-    the hub can be reached. Raises ``ModelLoadError`` when it is neither cached nor reachable."""
+def _hub_source(model_id: str) -> str:
+    """The cached snapshot folder of a hub model, so no network is touched; else the id itself once the
+    hub is known to be reachable. Raises ``ModelLoadError`` when it is neither cached nor reachable."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
-        return snapshot_download(model_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        pass
-    how = (
-        f"download it where the hub is reachable, e.g. `huggingface-cli download {model_id}` "
-        "(gated models need `huggingface-cli login` and an accepted licence), then copy the cache "
-        "(~/.cache/huggingface/hub) here or pass the local folder as `model=`"
+    if is_cached(model_id, "config.json"):
+        try:
+            return snapshot_download(model_id, local_files_only=True)
+        except (LocalEntryNotFoundError, OSError):
+            pass
+    require_hub(
+        model_id,
+        what="model",
+        how=(
+            f"download it where the hub is reachable (`huggingface-cli download {model_id}`; gated models need "
+            "`huggingface-cli login` and an accepted licence), then copy ~/.cache/huggingface/hub here, "
+            "or pass a local folder as `model=`"
+        ),
+        error=ModelLoadError,
     )
-    if _is_offline():
-        raise ModelLoadError(f"model {model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {how}")
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    try:
-        HfApi().model_info(model_id, timeout=5)
-    except (GatedRepoError, RepositoryNotFoundError):
-        return None  # the hub answered; from_pretrained gives the precise reason
-    except Exception as exc:  # noqa: BLE001 - any network failure means the same thing here
-        raise ModelLoadError(f"model {model_id!r} is not cached and the Hugging Face hub cannot be reached ({type(exc).__name__}); {how}") from exc
-    return None
+    return model_id
 
 
 def _quantization_config(quantization: str | None, device: torch.device) -> Any:
@@ -196,8 +188,7 @@ def load_model(
     else:
         source = str(model)
         name = source.rsplit("/", 1)[-1]
-        cached = _hub_folder_or_raise(source)
-        source = cached or source
+        source = _hub_source(source)
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     kwargs: dict[str, Any] = {"dtype": dtype}

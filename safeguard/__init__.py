@@ -1,0 +1,35 @@
+"""safeguard: guardrails inside the forward pass.
+
+Steer an open-weight LLM's refusal behaviour with sparse-autoencoder features chosen by declarative
+policies, per request and per batch row.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .errors import InputError, ModelLoadError, PolicyError, SAEError, SafeguardError
+from .llm import SteeredLLM, TextStream
+from .policy import Policy
+from .report import AppliedSteering, Decision, GenerationResult, SteeringReport
+from .steering import steering
+
+try:
+    __version__ = version("safeguard")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AppliedSteering",
+    "Decision",
+    "GenerationResult",
+    "InputError",
+    "ModelLoadError",
+    "Policy",
+    "PolicyError",
+    "SAEError",
+    "SafeguardError",
+    "SteeredLLM",
+    "SteeringReport",
+    "TextStream",
+    "__version__",
+    "steering",
+]

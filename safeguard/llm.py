@@ -1,0 +1,521 @@
+"""``SteeredLLM``: a causal LM, its SAEs and an active policy, with generate / chat / stream / batch / async.
+
+Prompt to text::
+
+    prompt or messages ─► chat template + a mask of the user's tokens ─► left-padded batch
+        ─► model.generate inside steering(model, run)  (hooks detect at prefill, steer fired rows)
+        ─► text cut at end-of-turn or a stop string ─► GenerationResult(text, report)
+
+Generation holds a lock: hooks are registered on the one shared model for the length of a call, so two
+threads never see each other's steering. Per-row policies in one batch need no lock between rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError, SAEError
+from .models import LoadedModel, load_model
+from .policy import Policy
+from .report import GenerationResult, SteeringReport
+from .saes import SAESet, load_saes
+from .steering import CompiledPolicy, RunState, decoder_layers, steering
+
+__all__ = ["PRODUCTION_MODEL", "PRODUCTION_SAE", "SteeredLLM", "TextStream", "default_policy_path"]
+
+log = logging.getLogger("safeguard")
+
+PRODUCTION_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+PRODUCTION_SAE = "llama-3-8b-it-res-jh:blocks.25.hook_resid_post"
+_ROLES = ("system", "user", "assistant")
+_UNSET: Any = object()
+
+PromptLike = str | Sequence[Mapping[str, Any]]
+PolicyLike = Policy | str | Path
+
+
+def default_policy_path() -> Path:
+    """The shipped default policy for the embedded model."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "policies" / "default.yaml", here / "policies" / "default.yaml"):
+        if candidate.is_file():
+            return candidate
+    return here.parent / "policies" / "default.yaml"
+
+
+class SteeredLLM:
+    """A causal LM whose refusals are steered, per request, by SAE features chosen in a policy.
+
+    Load the embedded default (SmolLM2-135M-Instruct, its bundled SAEs and default policy, on CPU)::
+
+        llm = SteeredLLM.from_pretrained()
+        r = llm.generate("How do I pick a lock?")
+        r.text, r.report.fired
+
+    Production: ``SteeredLLM.from_pretrained("meta-llama/Meta-Llama-3-8B-Instruct",
+    sae="llama-3-8b-it-res-jh", policy="policies/llama3-8b-instruct.yaml", quantization="4bit")``.
+    """
+
+    def __init__(self, loaded: LoadedModel, saes: SAESet, policy: PolicyLike | None = None, *, log_prompts: bool = False):
+        self._loaded = loaded
+        self.saes = saes
+        self.log_prompts = log_prompts
+        cfg = loaded.model.config
+        self.hidden_size = int(cfg.hidden_size)
+        self.num_layers = len(decoder_layers(loaded.model))
+        for s in saes.values():
+            s.check_fits(loaded.name, self.hidden_size, self.num_layers)
+        self.context_window = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
+        self._lock = threading.RLock()
+        self._compiled: OrderedDict[tuple[str, str | None], CompiledPolicy] = OrderedDict()
+        self._active: CompiledPolicy | None = None
+        if policy is not None:
+            self.use_policy(policy)
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        *,
+        sae: Any = None,
+        policy: PolicyLike | None = _UNSET,
+        quantization: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        log_prompts: bool = False,
+    ) -> SteeredLLM:
+        """Load a model, its SAEs and a policy.
+
+        ``model=None`` is the embedded default with its bundled SAEs and ``policies/default.yaml``.
+        A hub id or folder needs ``sae=`` (a folder, ``"release"`` or ``"release:sae_id"``, or a list), except
+        for Llama-3-8B-Instruct, whose default is ``llama-3-8b-it-res-jh``. ``policy=None`` loads no policy.
+        """
+        if model is None and sae is None:
+            sae_spec = None
+        elif sae is not None:
+            sae_spec = sae
+        elif str(model).rsplit("/", 1)[-1].lower() == PRODUCTION_MODEL.rsplit("/", 1)[-1].lower():
+            sae_spec = PRODUCTION_SAE
+        else:
+            raise SAEError(f"no default SAE is known for model {str(model)!r}; pass sae=FOLDER or sae='release:sae_id'")
+        if policy is _UNSET:
+            policy = default_policy_path() if model is None else None
+            if policy is not None and not Path(policy).is_file():
+                warnings.warn(f"the default policy {policy} is missing; running without a policy", stacklevel=2)
+                policy = None
+        if policy is not None:
+            policy = Policy.load(policy)  # a broken policy fails before the model is loaded
+        loaded = load_model(model, quantization=quantization, device=device, dtype=dtype)
+        saes = load_saes(sae_spec, device=loaded.model.device)
+        return cls(loaded, saes, policy, log_prompts=log_prompts)
+
+    @property
+    def model(self) -> Any:
+        return self._loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._loaded.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self._loaded.name
+
+    @property
+    def sae(self) -> Any:
+        """The SAE (an ``sae_lens.SAE``) when exactly one is loaded; with several, see ``saes``."""
+        if len(self.saes) != 1:
+            raise AttributeError(f"{len(self.saes)} SAEs are loaded (layers {sorted(self.saes)}); use llm.saes[layer].sae")
+        return next(iter(self.saes.values())).sae
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def __repr__(self) -> str:
+        p = self.policy
+        return f"SteeredLLM(model={self.model_name!r}, saes={self.saes!r}, policy={p.name if p else None!r})"
+
+    # ----------------------------------------------------------------------------------------- policies
+    @property
+    def policy(self) -> Policy | None:
+        """The active policy."""
+        return self._active.policy if self._active else None
+
+    def compile_policy(self, policy: PolicyLike) -> CompiledPolicy:
+        """Validate and compile a policy for this model (cached by content hash)."""
+        p = Policy.load(policy)
+        key = (p.content_hash, p.base_dir)
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+        dtype = next(self.model.parameters()).dtype
+        if not dtype.is_floating_point:  # 4-bit weights: steer in the compute dtype
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        compiled = CompiledPolicy(p, self.saes, model_name=self.model_name, num_layers=self.num_layers, device=self.device, dtype=dtype)
+        with self._lock:
+            self._compiled[key] = compiled
+            while len(self._compiled) > 32:
+                self._compiled.popitem(last=False)
+        return compiled
+
+    def use_policy(self, policy: PolicyLike | None) -> Policy | None:
+        """Swap the active policy without reloading the model. The new policy is validated and compiled
+        first; if that fails, the old one stays active. Calls already running keep the policy they began with."""
+        compiled = None if policy is None else self.compile_policy(policy)
+        with self._lock:
+            self._active = compiled
+        if compiled is not None:
+            log.info("policy active: %s %s (%s)", compiled.policy.name, compiled.policy.version, compiled.hash[:12])
+        return self.policy
+
+    def _resolve(self, policy: Any, steer: bool) -> CompiledPolicy | None:
+        if not steer:
+            return None
+        if policy is None or policy is _UNSET:
+            return self._active
+        return self.compile_policy(policy)
+
+    # ------------------------------------------------------------------------------------------- inputs
+    def _messages(self, prompt: Any) -> list[dict[str, str]]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InputError("the prompt is empty")
+            return [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
+            raise InputError(f"a prompt is a string or a list of {{'role', 'content'}} messages, not {type(prompt).__name__}")
+        if not prompt:
+            raise InputError("the message list is empty")
+        out: list[dict[str, str]] = []
+        for i, m in enumerate(prompt):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise InputError(f"messages[{i}] must be a mapping with 'role' and 'content', got {m!r:.80}")
+            role, content = m["role"], m["content"]
+            if role not in _ROLES:
+                raise InputError(f"messages[{i}].role is {role!r}; valid roles are {list(_ROLES)}")
+            if not isinstance(content, str):
+                raise InputError(f"messages[{i}].content must be a string, not {type(content).__name__}")
+            if role == "system" and i != 0:
+                raise InputError(f"messages[{i}] is a system message; only the first message may be one")
+            out.append({"role": role, "content": content})
+        users = [m for m in out if m["role"] == "user"]
+        if not users or not any(m["content"].strip() for m in users):
+            raise InputError("the conversation has no non-empty user message")
+        if out[-1]["role"] != "user":
+            raise InputError(f"the last message must come from the user (it is {out[-1]['role']!r})")
+        return out
+
+    def _encode_one(self, prompt: Any, template: bool) -> tuple[list[int], list[bool]]:
+        tok = self.tokenizer
+        if isinstance(prompt, str) and (not template or tok.chat_template is None):
+            if not prompt.strip():
+                raise InputError("the prompt is empty")
+            ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            return ids, [True] * len(ids)
+        messages = self._messages(prompt)
+        if tok.chat_template is None:
+            raise InputError(f"the tokenizer of {self.model_name!r} has no chat template; pass a plain string prompt with template=False")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for m in messages:
+            at = text.find(m["content"], cursor)
+            if at < 0:
+                continue
+            if m["role"] == "user":
+                spans.append((at, at + len(m["content"])))
+            cursor = at + len(m["content"])
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        if not spans:
+            return ids, [True] * len(ids)
+        mask = [any(s < e2 and e > s2 for s2, e2 in spans) for s, e in enc["offset_mapping"]]
+        return ids, mask
+
+    def _encode(self, prompts: Sequence[Any], template: bool, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = [self._encode_one(p, template) for p in prompts]
+        longest = max(len(ids) for ids, _ in rows)
+        if self.context_window and longest + max_new_tokens > self.context_window:
+            raise InputError(
+                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the context window of "
+                f"{self.context_window} tokens of {self.model_name!r}; shorten the prompt or lower max_new_tokens"
+            )
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), longest), dtype=torch.long)
+        user = torch.zeros((len(rows), longest), dtype=torch.bool)
+        for i, (r, m) in enumerate(rows):  # left padding
+            ids[i, longest - len(r):] = torch.tensor(r)
+            attn[i, longest - len(r):] = 1
+            user[i, longest - len(r):] = torch.tensor(m)
+        return ids, attn, user
+
+    # ----------------------------------------------------------------------------------------- the core
+    def _gen_kwargs(self, max_new_tokens: int, temperature: float | None, stop: Sequence[str] | None, extra: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        for key in ("num_beams", "num_return_sequences"):
+            if extra.get(key, 1) != 1:
+                raise InputError(f"{key}={extra[key]} is not supported: steering decides per batch row")
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        if temperature is not None and temperature > 0:
+            kw.update(do_sample=True, temperature=float(temperature))
+        elif "do_sample" not in extra:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            kw.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        kw.update(extra)
+        return kw
+
+    def _run(
+        self,
+        prompts: Sequence[Any],
+        policies: Sequence[CompiledPolicy | None],
+        *,
+        max_new_tokens: int,
+        temperature: float | None,
+        stop: Sequence[str] | None,
+        template: bool,
+        seed: int | None,
+        extra: dict[str, Any],
+        streamer: Any = None,
+        stopping_criteria: Any = None,
+    ) -> list[GenerationResult]:
+        t0 = time.perf_counter()
+        kw = self._gen_kwargs(max_new_tokens, temperature, stop, extra)
+        ids, attn, user = self._encode(prompts, template, max_new_tokens)
+        run = RunState(policies, user, attn)
+        dev = self.device
+        if streamer is not None:
+            kw["streamer"] = streamer
+        if stopping_criteria is not None:
+            kw["stopping_criteria"] = stopping_criteria
+        with self._lock, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            with steering(self.model, run):
+                out = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kw)
+        total = time.perf_counter() - t0
+        results = []
+        eos = self._eos_ids()
+        for row in range(len(prompts)):
+            gen = out[row, ids.shape[1]:].tolist()
+            n = next((i for i, t in enumerate(gen) if t in eos), None)
+            finish = "stop" if n is not None else "length"
+            gen = gen[:n] if n is not None else gen
+            text = self.tokenizer.decode(gen, skip_special_tokens=True)
+            for s in stop or ():
+                if s and s in text:
+                    text, finish = text[: text.index(s)], "stop"
+            report = SteeringReport.from_run(run, row, total)
+            results.append(GenerationResult(text, report, int(attn[row].sum()), len(gen), finish))
+            self._log(prompts[row], report)
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _log(self, prompt: Any, report: SteeringReport) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        record: dict[str, Any] = {
+            "policy": report.policy_name,
+            "policy_version": report.policy_version,
+            "policy_hash": report.policy_hash,
+            "mode": report.mode,
+            "fired": list(report.fired),
+            "scores": {k: round(v, 4) for k, v in report.scores().items()},
+            "applied": [f"{a.kind}:{a.category}@{a.layer}" for a in report.applied],
+            "latency_s": round(report.timings.get("total", 0.0), 4),
+        }
+        if self.log_prompts:
+            record["prompt"] = prompt
+        log.info("decision policy=%s fired=%s", report.policy_name, list(report.fired), extra={"safeguard": record})
+
+    def _one(self, prompt: Any, *, policy: Any, steer: bool, max_new_tokens: int, temperature: float | None,
+             stop: Sequence[str] | None, template: bool, seed: int | None, extra: dict[str, Any]) -> GenerationResult:
+        return self._run([prompt], [self._resolve(policy, steer)], max_new_tokens=max_new_tokens, temperature=temperature,
+                         stop=stop, template=template, seed=seed, extra=extra)[0]
+
+    # --------------------------------------------------------------------------------------- public API
+    def generate(self, prompt: str, *, max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None,
+                 temperature: float | None = None, stop: Sequence[str] | None = None, template: bool = True,
+                 seed: int | None = None, **generation_kwargs: Any) -> GenerationResult:
+        """Reply to one prompt. The prompt is sent as a user turn through the chat template (``template=False``
+        sends the raw text). ``steer=False`` gives the unsteered model; ``policy=`` overrides the active one."""
+        if not isinstance(prompt, str):
+            raise InputError(f"generate takes a string prompt, not {type(prompt).__name__}; use chat() for messages")
+        return self._one(prompt, policy=policy, steer=steer, max_new_tokens=max_new_tokens, temperature=temperature,
+                         stop=stop, template=template, seed=seed, extra=generation_kwargs)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 128, steer: bool = True,
+             policy: PolicyLike | None = None, temperature: float | None = None, stop: Sequence[str] | None = None,
+             seed: int | None = None, **generation_kwargs: Any) -> GenerationResult:
+        """Reply to a conversation of ``{"role", "content"}`` messages (system, user, assistant)."""
+        if isinstance(messages, str):
+            raise InputError("chat takes a list of messages; use generate() for a string")
+        return self._one(list(messages), policy=policy, steer=steer, max_new_tokens=max_new_tokens, temperature=temperature,
+                         stop=stop, template=True, seed=seed, extra=generation_kwargs)
+
+    def batch(self, prompts: Sequence[PromptLike], *, policies: Sequence[PolicyLike | None] | None = None,
+              max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None, temperature: float | None = None,
+              stop: Sequence[str] | None = None, template: bool = True, seed: int | None = None, batch_size: int = 8,
+              **generation_kwargs: Any) -> list[GenerationResult]:
+        """Reply to many prompts (strings or message lists) in padded batches of ``batch_size``.
+
+        ``policies`` gives each row its own policy (``None`` entries use the active one): one padded
+        generate call serves rows under different policies."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise InputError("batch takes a list of prompts")
+        if not prompts:
+            return []
+        if policies is not None and len(policies) != len(prompts):
+            raise InputError(f"policies has {len(policies)} entries for {len(prompts)} prompts")
+        compiled = [self._resolve(policies[i] if policies is not None and policies[i] is not None else policy, steer)
+                    for i in range(len(prompts))]
+        for p in prompts:  # validate every row before generating any
+            self._encode_one(p, template)
+        out: list[GenerationResult] = []
+        for lo in range(0, len(prompts), max(1, batch_size)):
+            hi = lo + max(1, batch_size)
+            out += self._run(prompts[lo:hi], compiled[lo:hi], max_new_tokens=max_new_tokens, temperature=temperature,
+                             stop=stop, template=template, seed=seed, extra=generation_kwargs)
+        return out
+
+    def stream(self, prompt: PromptLike, *, max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None,
+               temperature: float | None = None, stop: Sequence[str] | None = None, template: bool = True,
+               seed: int | None = None, **generation_kwargs: Any) -> TextStream:
+        """Stream a reply as text pieces; the returned ``TextStream`` holds ``.result`` once exhausted.
+        Closing it early (or leaving the ``with`` block) stops generation and removes the hooks."""
+        compiled = self._resolve(policy, steer)
+        self._encode_one(prompt, template)  # bad input fails here, not inside the thread
+        return TextStream(self, prompt, compiled, dict(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop,
+                                                        template=template, seed=seed, extra=generation_kwargs))
+
+    async def agenerate(self, prompt: str, **kwargs: Any) -> GenerationResult:
+        return await asyncio.to_thread(self.generate, prompt, **kwargs)
+
+    async def achat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> GenerationResult:
+        return await asyncio.to_thread(self.chat, messages, **kwargs)
+
+    async def abatch(self, prompts: Sequence[PromptLike], **kwargs: Any) -> list[GenerationResult]:
+        return await asyncio.to_thread(self.batch, prompts, **kwargs)
+
+    async def astream(self, prompt: PromptLike, **kwargs: Any) -> AsyncIterator[str]:
+        """Async text pieces. ``async for piece in llm.astream(...)``."""
+        s = self.stream(prompt, **kwargs)
+        try:
+            while True:
+                piece = await asyncio.to_thread(s._next_or_none)
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            await asyncio.to_thread(s.close)
+
+
+class TextStream(Iterator[str]):
+    """Text pieces of one reply as they are generated, from a worker thread that is always joined."""
+
+    def __init__(self, llm: SteeredLLM, prompt: Any, policy: CompiledPolicy | None, kwargs: dict[str, Any]):
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        self._cancel = threading.Event()
+        cancel = self._cancel
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        self._streamer = TextIteratorStreamer(llm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self._done = False
+        self._stop = [s for s in (kwargs.get("stop") or ()) if s]
+        self._emitted = ""
+
+        def work() -> None:
+            try:
+                self.result = llm._run([prompt], [policy], streamer=self._streamer,
+                                       stopping_criteria=StoppingCriteriaList([_Cancelled()]), **kwargs)[0]
+            except BaseException as exc:  # re-raised in the consumer's thread
+                self._error = exc
+            finally:
+                self._streamer.end()
+
+        self._thread = threading.Thread(target=work, name="safeguard-stream", daemon=True)
+        self._thread.start()
+
+    @property
+    def report(self) -> SteeringReport | None:
+        return self.result.report if self.result else None
+
+    def _next_or_none(self) -> str | None:
+        try:
+            return next(self)
+        except StopIteration:
+            return None
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        for piece in self._streamer:
+            if not piece:
+                continue
+            if self._stop:  # never emit text past a stop string
+                text = self._emitted + piece
+                cut = min((text.index(s) for s in self._stop if s in text), default=None)
+                if cut is not None:
+                    piece = text[len(self._emitted):cut]
+                    self._emitted = text[:cut]
+                    self._finish()
+                    if piece:
+                        return piece
+                    raise StopIteration
+                self._emitted = text
+            return piece
+        self._finish()
+        raise StopIteration
+
+    def _finish(self) -> None:
+        self._done = True
+        self._cancel.set()
+        for _ in self._streamer:  # drain so the worker never blocks
+            pass
+        self._thread.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def close(self) -> None:
+        """Stop generating and wait for the worker; safe to call twice."""
+        if not self._done:
+            self._cancel.set()
+            self._finish()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_done", True):
+            self._cancel.set()
+

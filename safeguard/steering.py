@@ -1,0 +1,373 @@
+"""The steering engine: forward hooks that detect categories during prefill and steer the rows that fire.
+
+Data flow of one ``generate`` call::
+
+    prefill ──► layer d (detect): encode the residual stream with the few SAE encoder columns the
+                policy needs, score each category over the user's tokens, per batch row
+            ──► layer s (steer):  for rows whose categories fired, add decoder directions / dense
+                vectors, or clamp feature activations, on prompt and/or generated positions
+    decode  ──► layer s only: same per-row steering on each new token (decisions are kept)
+
+Rows that do not fire are never written to, so they are bit-for-bit what the unsteered model computes
+in the same batch. Each row may carry its own compiled policy (or none). Hooks live only inside
+``steering(model, run)``, which removes every hook it registered on every exit path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import PolicyError
+from .policy import AddAction, ClampAction, Policy, VectorAction
+from .saes import FeatureEncoder, SAESet
+
+__all__ = ["CompiledPolicy", "Decision", "RunState", "SteeringHandle", "attach", "decoder_layers", "steering"]
+
+
+def decoder_layers(model: Any) -> Any:
+    """The list of decoder layers of a Hugging Face causal LM (Llama, Mistral, Qwen, Phi-3, GPT-2, ...)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}; safeguard knows Llama-style models")
+
+
+def _decoder_stack(model: Any) -> torch.nn.Module:
+    for path in ("model", "model.decoder", "transformer", "gpt_neox"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None and hasattr(obj, "forward"):
+            return obj
+    return model
+
+
+# ----------------------------------------------------------------------------------------- compiled
+@dataclass
+class _Action:
+    spec: AddAction | ClampAction | VectorAction
+    layer: int
+    positions: str
+    vector: torch.Tensor | None = None
+    """Added as is (add: unit decoder row x strength; vector: dense vector x strength)."""
+    encoder: FeatureEncoder | None = None
+    """Clamp: the feature's encoder."""
+    dec_row: torch.Tensor | None = None
+    value: float = 0.0
+
+
+@dataclass
+class _Category:
+    id: str
+    label: str
+    response: str
+    layer: int
+    threshold: float
+    combine: str
+    reduce: str
+    index: torch.Tensor
+    weights: torch.Tensor | None
+    actions: list[_Action]
+
+
+class CompiledPolicy:
+    """A policy turned into tensors for one model's SAEs, device and dtype. Compiling checks everything a
+    policy can get wrong against the loaded model, so a swap either fully succeeds or changes nothing."""
+
+    def __init__(self, policy: Policy, saes: SAESet, *, model_name: str, num_layers: int, device: torch.device, dtype: torch.dtype):
+        policy.check_against(model_name=model_name, num_layers=num_layers, saes=saes)
+        self.policy = policy
+        self.hash = policy.content_hash
+        self.enforce = policy.mode == "enforce"
+        by_layer: dict[int, list[int]] = {}
+        for c in policy.active_categories:
+            feats = by_layer.setdefault(c.detect.layer, [])
+            feats.extend(f for f in c.detect.features if f not in feats)
+        self.encoders = {layer: saes[layer].encoder(feats).to(device) for layer, feats in by_layer.items()}
+        self.categories: list[_Category] = []
+        for c in policy.active_categories:
+            union = by_layer[c.detect.layer]
+            index = torch.tensor([union.index(f) for f in c.detect.features], device=device)
+            weights = torch.tensor(c.detect.weights, device=device) if c.detect.weights is not None else None
+            actions = [self._compile_action(a, saes, device, dtype) for a in c.steer]
+            self.categories.append(_Category(c.id, c.label, c.response, c.detect.layer, c.detect.threshold,
+                                             c.detect.combine, c.detect.reduce, index, weights, actions))
+        self.detect_layers = sorted(by_layer)
+        self.steer_layers = sorted({a.layer for c in self.categories for a in c.actions})
+
+    def _compile_action(self, a: Any, saes: SAESet, device: torch.device, dtype: torch.dtype) -> _Action:
+        if isinstance(a, AddAction):
+            row = saes[a.layer].decoder_rows([a.feature])[0]
+            return _Action(a, a.layer, a.positions, vector=(row / row.norm() * a.strength).to(device, dtype))
+        if isinstance(a, ClampAction):
+            enc = saes[a.layer].encoder([a.feature]).to(device)
+            row = saes[a.layer].decoder_rows([a.feature])[0].to(device)
+            return _Action(a, a.layer, a.positions, encoder=enc, dec_row=row, value=a.value)
+        from safetensors.torch import load_file
+
+        path = self.policy.vector_path(a)
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise PolicyError(f"policy {self.policy.name!r}: cannot read vector file {path}: {exc}") from exc
+        if a.key not in tensors:
+            raise PolicyError(f"policy {self.policy.name!r}: vector file {path} has no key {a.key!r}; keys: {sorted(tensors)}")
+        vec = tensors[a.key].float().flatten()
+        d = next(iter(saes.values())).d_in if len(saes) else vec.numel()
+        if vec.numel() != d:
+            raise PolicyError(f"policy {self.policy.name!r}: vector {a.key!r} in {path} has {vec.numel()} values, the model's hidden size is {d}")
+        return _Action(a, a.layer, a.positions, vector=(vec * a.strength).to(device, dtype))
+
+    def layers(self) -> set[int]:
+        return set(self.detect_layers) | set(self.steer_layers)
+
+
+# ---------------------------------------------------------------------------------------- run state
+@dataclass(frozen=True)
+class Decision:
+    """One category's verdict on one request."""
+
+    category: str
+    label: str
+    response: str
+    score: float
+    threshold: float
+    fired: bool
+    layer: int
+
+
+@dataclass
+class RunState:
+    """Everything one generate call's hooks share: per-row policies, masks, and the decisions made."""
+
+    policies: Sequence[CompiledPolicy | None]
+    user_mask: torch.Tensor
+    """(B, P) True on the user's tokens: detection reads only these."""
+    attention_mask: torch.Tensor
+    """(B, P) of the padded prompt: prompt-position steering skips padding."""
+    decisions: list[dict[str, Decision]] = field(default_factory=list)
+    detect_seconds: float = 0.0
+    calls: int = 0
+    _start: int = 0
+    _seq: int = 0
+    _processed: int = 0
+    _plans: dict[tuple[int, str], Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.user_mask.shape != self.attention_mask.shape or self.user_mask.shape[0] != len(self.policies):
+            raise ValueError("user_mask, attention_mask and policies must agree on the batch size and prompt length")
+        self.decisions = [{} for _ in self.policies]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.policies)
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.user_mask.shape[1])
+
+    def layers(self) -> set[int]:
+        out: set[int] = set()
+        for p in self.policies:
+            if p is not None:
+                out |= p.layers()
+        return out
+
+    def fired(self, row: int) -> list[str]:
+        return [c for c, d in self.decisions[row].items() if d.fired]
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def _begin_call(self, seq: int) -> None:
+        """Called once per model forward: which absolute positions does this call cover?"""
+        if self.calls == 0 or seq > 1:  # prefill, or a full recompute without a KV cache
+            self._start = 0
+        else:
+            self._start = self._processed
+        self._seq = seq
+        self._processed = self._start + seq
+        self.calls += 1
+
+    def _detect(self, layer: int, h: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        groups: dict[int, tuple[CompiledPolicy, list[int]]] = {}
+        for row, p in enumerate(self.policies):
+            if p is not None and layer in p.encoders:
+                groups.setdefault(id(p), (p, []))[1].append(row)
+        for p, rows in groups.values():
+            idx = torch.tensor(rows, device=h.device)
+            mask = self.user_mask.to(h.device)[idx]
+            acts = p.encoders[layer](h[idx])  # (n, P, k)
+            for c in p.categories:
+                if c.layer != layer:
+                    continue
+                a = acts[..., c.index]
+                if c.combine == "max":
+                    per_tok = a.amax(-1)
+                elif c.combine == "mean":
+                    per_tok = a.mean(-1)
+                else:
+                    per_tok = (a * c.weights).sum(-1) if c.weights is not None else a.sum(-1)
+                if c.reduce == "max":
+                    scores = per_tok.masked_fill(~mask, float("-inf")).amax(-1)
+                else:
+                    scores = (per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+                for row, s in zip(rows, scores.tolist(), strict=True):
+                    self.decisions[row][c.id] = Decision(c.id, c.label, c.response, s, c.threshold, s >= c.threshold, layer)
+        self.detect_seconds += time.perf_counter() - t0
+
+    def _plan(self, layer: int, phase: str, device: torch.device, dtype: torch.dtype) -> Any:
+        """Per-row steering at ``layer`` for ``phase`` ('prompt' or 'generated'), built once per run."""
+        key = (layer, phase)
+        if key in self._plans:
+            return self._plans[key]
+        add_rows: list[int] = []
+        add_vecs: list[torch.Tensor] = []
+        clamps: list[tuple[list[int], _Action]] = []
+        for row, p in enumerate(self.policies):
+            if p is None or not p.enforce:
+                continue
+            vec = None
+            for c in p.categories:
+                d = self.decisions[row].get(c.id)
+                if d is None or not d.fired:
+                    continue
+                for a in c.actions:
+                    if a.layer != layer or a.positions not in (phase, "both"):
+                        continue
+                    if a.vector is not None:
+                        vec = a.vector if vec is None else vec + a.vector
+                    else:
+                        clamps.append(([row], a))
+            if vec is not None:
+                add_rows.append(row)
+                add_vecs.append(vec)
+        plan = None
+        if add_rows or clamps:
+            add = (torch.tensor(add_rows, device=device), torch.stack(add_vecs).to(device, dtype)) if add_rows else None
+            plan = (add, clamps)
+        self._plans[key] = plan
+        return plan
+
+    def _steer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        start, seq, prompt = self._start, self._seq, self.prompt_len
+        out = h
+        for phase in ("prompt", "generated"):
+            lo, hi = (start, min(start + seq, prompt)) if phase == "prompt" else (max(start, prompt), start + seq)
+            if lo >= hi:
+                continue
+            plan = self._plan(layer, phase, h.device, h.dtype)
+            if plan is None:
+                continue
+            if out is h:
+                out = h.clone()
+            sl = slice(lo - start, hi - start)
+            add, clamps = plan
+            if phase == "prompt":
+                posmask = self.attention_mask.to(h.device)[:, lo:hi].unsqueeze(-1).to(h.dtype)  # skip padding
+            for rows, a in clamps:
+                r = torch.tensor(rows, device=h.device)
+                x = h[r, sl]
+                f = a.encoder(x).to(h.dtype)  # (n, s, 1), read from the unsteered output
+                delta = (a.value - f) * a.dec_row.to(h.dtype)
+                if phase == "prompt":
+                    delta = delta * posmask[r]
+                out[r, sl] += delta
+            if add is not None:
+                r, vecs = add
+                delta = vecs.unsqueeze(1)
+                if phase == "prompt":
+                    delta = delta * posmask[r]
+                out[r, sl] += delta
+        return out
+
+    def hook(self, layer: int, detect: bool, steer: bool):
+        def fn(module: Any, args: Any, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else output
+            if h.shape[0] != self.batch_size:
+                raise RuntimeError(
+                    f"steering was set up for {self.batch_size} rows but layer {layer} saw {h.shape[0]}; "
+                    "beam search and num_return_sequences > 1 are not supported while steering"
+                )
+            if detect and self.calls == 1:
+                self._detect(layer, h)
+            if not steer:
+                return None
+            new = self._steer(layer, h)
+            if new is h:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return fn
+
+
+# ---------------------------------------------------------------------------------------- attaching
+class SteeringHandle:
+    """Hooks registered for one run. ``remove()`` takes every one of them off (idempotent)."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def _track(self, h: Any) -> None:
+        self._handles.append(h)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+def attach(model: Any, run: RunState) -> SteeringHandle:
+    """Register the run's hooks; on any failure, the hooks registered so far are removed and it re-raises."""
+    handle = SteeringHandle()
+    try:
+        layers = decoder_layers(model)
+        wanted = run.layers()
+        if not wanted:
+            return handle
+        bad = [layer for layer in wanted if not 0 <= layer < len(layers)]
+        if bad:
+            raise PolicyError(f"layers {bad} do not exist; the model has {len(layers)} decoder layers")
+
+        def count(module: Any, args: Any, kwargs: Any) -> None:
+            x = kwargs.get("input_ids")
+            if x is None:
+                x = kwargs.get("inputs_embeds")
+            if x is None and args:
+                x = args[0]
+            run._begin_call(int(x.shape[1]))
+
+        handle._track(_decoder_stack(model).register_forward_pre_hook(count, with_kwargs=True))
+        detect = {layer for p in run.policies if p is not None for layer in p.detect_layers}
+        steer = {layer for p in run.policies if p is not None and p.enforce for layer in p.steer_layers}
+        for layer in sorted(wanted):
+            if layer in detect or layer in steer:
+                handle._track(layers[layer].register_forward_hook(run.hook(layer, layer in detect, layer in steer)))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+@contextmanager
+def steering(model: Any, run: RunState) -> Iterator[RunState]:
+    """Steer ``model`` for the duration of the block; every hook is removed on every exit path."""
+    handle = attach(model, run)
+    try:
+        yield run
+    finally:
+        handle.remove()

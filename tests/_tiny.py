@@ -1,0 +1,66 @@
+"""Factories for tiny random models, SAEs and policies used across the tests."""
+
+from __future__ import annotations
+
+import torch
+
+HIDDEN = 32
+LAYERS = 4
+D_SAE = 64
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 2
+    return model
+
+
+def make_sae(layer: int, *, arch: str = "standard", seed: int = 0, release: str = "tiny-sae", model_name: str = "tiny-llama"):
+    from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+    from safeguard.saes import LoadedSAE
+
+    meta = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name)
+    cls, cfg_cls = {"standard": (StandardSAE, StandardSAEConfig), "gated": (GatedSAE, GatedSAEConfig),
+                    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig)}[arch]
+    sae = cls(cfg_cls(d_in=HIDDEN, d_sae=D_SAE, metadata=meta))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return LoadedSAE(sae=sae, release=release, layer=layer, hook_name=meta.hook_name, model_name=model_name, source="test")
+
+
+def policy_dict(*, threshold: float = -1.0, steer=None, detect_layer: int = 1, mode: str = "enforce", features=(3, 5), categories=None):
+    """A policy for the tiny model. threshold -1 always fires (activations are >= 0); 1e9 never does."""
+    cat = {
+        "id": "cyber",
+        "label": "Cyber attacks",
+        "detect": {"layer": detect_layer, "features": list(features), "threshold": threshold},
+        "steer": steer if steer is not None else [{"kind": "add", "layer": 2, "feature": 7, "strength": 4.0}],
+    }
+    return {
+        "schema_version": 1,
+        "name": "tiny",
+        "version": "1",
+        "taxonomy": {"name": "AIR-Bench", "version": "2024"},
+        "model": "tiny-llama",
+        "sae": "tiny-sae",
+        "mode": mode,
+        "categories": categories if categories is not None else [cat],
+    }
+
+
+def hooks_on(model) -> int:
+    """Number of forward hooks and pre-hooks anywhere on the model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
