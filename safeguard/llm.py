@@ -313,8 +313,8 @@ class SteeredLLM:
         for row in range(len(prompts)):
             gen = out[row, ids.shape[1]:].tolist()
             n = next((i for i, t in enumerate(gen) if t in eos), None)
-            finish = "stop" if n is not None else "length"
             gen = gen[:n] if n is not None else gen
+            finish = "length" if n is None and len(gen) >= max_new_tokens else "stop"
             text = self.tokenizer.decode(gen, skip_special_tokens=True)
             for s in stop or ():
                 if s and s in text:
@@ -484,20 +484,21 @@ class TextStream(Iterator[str]):
                 if cut is not None:
                     piece = text[len(self._emitted):cut]
                     self._emitted = text[:cut]
-                    self._finish()
+                    self._finish(drain=True)
                     if piece:
                         return piece
                     raise StopIteration
                 self._emitted = text
             return piece
-        self._finish()
+        self._finish(drain=False)  # the streamer is exhausted: the worker has ended it
         raise StopIteration
 
-    def _finish(self) -> None:
+    def _finish(self, *, drain: bool) -> None:
         self._done = True
         self._cancel.set()
-        for _ in self._streamer:  # drain so the worker never blocks
-            pass
+        if drain:  # the worker ends the streamer when generate returns, so this terminates
+            for _ in self._streamer:
+                pass
         self._thread.join()
         if self._error is not None:
             err, self._error = self._error, None
@@ -506,8 +507,7 @@ class TextStream(Iterator[str]):
     def close(self) -> None:
         """Stop generating and wait for the worker; safe to call twice."""
         if not self._done:
-            self._cancel.set()
-            self._finish()
+            self._finish(drain=True)
 
     def __enter__(self) -> TextStream:
         return self

@@ -1,0 +1,212 @@
+"""SteeredLLM on a tiny random Llama: reports, gating, bad input, policy swaps, streams, threads, async."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+import torch
+import yaml
+from _tiny import hooks_on, policy_dict
+
+from safeguard import InputError, Policy, PolicyError, SteeredLLM
+
+FIRE = policy_dict(threshold=-1.0)
+NEVER = policy_dict(threshold=1e9)
+KW = {"max_new_tokens": 6}
+
+
+def test_generate_reports_the_truth(llm):
+    r = llm.generate("hello there", **KW)
+    rep = r.report
+    assert isinstance(r.text, str) and r.completion_tokens > 0
+    assert rep.policy_name == "tiny" and rep.policy_version == "1" and rep.policy_hash == llm.policy.content_hash
+    assert rep.mode == "enforce" and rep.fired == ("cyber",)
+    d = rep.decisions[0]
+    assert d.fired and d.score >= d.threshold == -1.0 and d.layer == 1
+    [a] = rep.applied
+    assert (a.category, a.kind, a.layer, a.feature, a.strength) == ("cyber", "add", 2, 7, 4.0)
+    assert rep.timings["total"] > 0 and "detect" in rep.timings
+
+
+def test_steering_changes_the_reply_and_steer_false_is_the_plain_model(llm):
+    steered = llm.generate("hello there", **KW)
+    plain = llm.generate("hello there", steer=False, **KW)
+    ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    with torch.no_grad():
+        ref = llm.model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=2)
+    assert plain.text == llm.tokenizer.decode(ref[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert plain.report.mode == "off" and plain.report.decisions == ()
+    assert steered.text != plain.text
+
+
+def test_a_policy_that_does_not_fire_gives_the_unsteered_reply(llm):
+    never = llm.generate("hello there", policy=Policy.from_dict(NEVER), **KW)
+    plain = llm.generate("hello there", steer=False, **KW)
+    assert never.text == plain.text and never.report.fired == () and never.report.applied == ()
+
+
+def test_batch_rows_that_do_not_fire_equal_the_unsteered_batch(llm):
+    prompts = ["first prompt here", "a second, longer prompt for padding", "third"]
+    mixed = llm.batch(prompts, policies=[Policy.from_dict(NEVER), Policy.from_dict(FIRE), Policy.from_dict(NEVER)], **KW)
+    plain = llm.batch(prompts, steer=False, **KW)
+    assert [r.report.fired for r in mixed] == [(), ("cyber",), ()]
+    assert mixed[0].text == plain[0].text and mixed[2].text == plain[2].text
+    assert mixed[1].text != plain[1].text
+
+
+def test_detection_reads_only_the_users_tokens(llm):
+    # a category whose feature never fires on user tokens: a system prompt must not make it fire
+    msgs = [{"role": "system", "content": "x " * 40}, {"role": "user", "content": "hi"}]
+    ids, mask = llm._encode_one(msgs, True)
+    text = llm.tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert text.strip() == "hi"
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda m: m.generate(""), "empty"),
+        (lambda m: m.generate("   "), "empty"),
+        (lambda m: m.generate(["not", "a", "string"]), "string prompt"),
+        (lambda m: m.chat([{"role": "wizard", "content": "hi"}]), "valid roles"),
+        (lambda m: m.chat([{"role": "user", "content": 3}]), "must be a string"),
+        (lambda m: m.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]), "last message"),
+        (lambda m: m.chat([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]),
+         "only the first"),
+        (lambda m: m.chat([]), "empty"),
+        (lambda m: m.chat("hi"), "list of messages"),
+        (lambda m: m.generate("word " * 300), "context window"),
+        (lambda m: m.generate("hi", max_new_tokens=0), "positive integer"),
+        (lambda m: m.generate("hi", num_beams=2), "not supported"),
+        (lambda m: m.batch(["ok", ""]), "empty"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_leaves_the_model_alone(llm, call, match):
+    before = llm.policy
+    with pytest.raises(InputError, match=match):
+        call(llm)
+    assert hooks_on(llm.model) == 0 and llm.policy is before
+
+
+def test_policy_swap_is_atomic(llm, tmp_path):
+    old = llm.policy
+    bad = policy_dict(features=(3, 999))  # the tiny SAE has 64 features
+    with pytest.raises(PolicyError, match="feature 999"):
+        llm.use_policy(Policy.from_dict(bad))
+    assert llm.policy is old
+    with pytest.raises(PolicyError, match="does not exist"):
+        llm.use_policy(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed")
+    with pytest.raises(PolicyError, match="broken.yaml"):
+        llm.use_policy(tmp_path / "broken.yaml")
+    wrong_model = {**FIRE, "model": "Llama-3-8B-Instruct"}
+    with pytest.raises(PolicyError, match="loaded model is 'tiny-llama'"):
+        llm.use_policy(Policy.from_dict(wrong_model))
+    assert llm.policy is old
+    (tmp_path / "never.yaml").write_text(yaml.safe_dump(NEVER))
+    assert llm.use_policy(tmp_path / "never.yaml").categories[0].detect.threshold == 1e9
+    assert llm.generate("hello", **KW).report.fired == ()
+    llm.use_policy(None)
+    assert llm.policy is None and llm.generate("hello", **KW).report.mode == "off"
+
+
+def test_stream_pieces_join_to_the_generated_text(llm):
+    full = llm.generate("tell me a story", max_new_tokens=10)
+    s = llm.stream("tell me a story", max_new_tokens=10)
+    pieces = list(s)
+    assert "".join(pieces) == full.text
+    assert s.result is not None and s.result.text == full.text and s.report.fired == ("cyber",)
+    assert hooks_on(llm.model) == 0
+
+
+def test_abandoned_stream_removes_its_hooks(llm):
+    s = llm.stream("tell me a story", max_new_tokens=200)
+    next(iter(s), None)
+    s.close()
+    assert hooks_on(llm.model) == 0
+    with llm.stream("again", max_new_tokens=200) as s2:
+        next(iter(s2), None)
+    assert hooks_on(llm.model) == 0
+
+
+def test_errors_inside_generation_reach_the_caller_and_hooks_go(llm, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(llm.model, "generate", boom)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        llm.generate("hi", **KW)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        list(llm.stream("hi", **KW))
+    assert hooks_on(llm.model) == 0
+
+
+def test_threads_with_different_policies_never_see_each_others_steering(llm):
+    fire, never = Policy.from_dict(FIRE), Policy.from_dict(NEVER)
+    prompts = [f"prompt number {i}" for i in range(6)]
+    expected = {(p, i % 2): llm.generate(p, policy=fire if i % 2 else never, **KW).text for i, p in enumerate(prompts)}
+    got: dict[tuple[str, int], str] = {}
+
+    def work(i: int, p: str) -> None:
+        got[(p, i % 2)] = llm.generate(p, policy=fire if i % 2 else never, **KW).text
+
+    threads = [threading.Thread(target=work, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+
+
+async def test_async_variants_match_sync(llm):
+    sync = llm.generate("hi there", **KW).text
+    assert (await llm.agenerate("hi there", **KW)).text == sync
+    assert (await llm.achat([{"role": "user", "content": "hi there"}], **KW)).text == sync
+    assert [r.text for r in await llm.abatch(["hi there"], **KW)] == [sync]
+    pieces = [p async for p in llm.astream("hi there", **KW)]
+    assert "".join(pieces) == sync
+    await asyncio.sleep(0)
+    assert hooks_on(llm.model) == 0
+
+
+def test_stop_strings_cut_the_reply(llm):
+    full = llm.generate("hello", max_new_tokens=12, steer=False).text
+    words = full.split()
+    if len(words) < 3:
+        pytest.skip("reply too short to cut")
+    stop = words[2]
+    cut = llm.generate("hello", max_new_tokens=12, steer=False, stop=[stop])
+    assert stop not in cut.text and full.startswith(cut.text) and cut.finish_reason == "stop"
+    assert "".join(llm.stream("hello", max_new_tokens=12, steer=False, stop=[stop])) == cut.text
+
+
+def test_one_decision_is_logged_without_the_prompt_unless_asked(llm, caplog):
+    with caplog.at_level(logging.INFO, logger="safeguard"):
+        llm.generate("secret prompt text", **KW)
+    [rec] = [r for r in caplog.records if hasattr(r, "safeguard")]
+    assert rec.safeguard["fired"] == ["cyber"] and rec.safeguard["policy_hash"] == llm.policy.content_hash
+    assert "prompt" not in rec.safeguard and "secret prompt text" not in rec.getMessage()
+    caplog.clear()
+    llm.log_prompts = True
+    with caplog.at_level(logging.INFO, logger="safeguard"):
+        llm.generate("secret prompt text", **KW)
+    [rec] = [r for r in caplog.records if hasattr(r, "safeguard")]
+    assert rec.safeguard["prompt"] == "secret prompt text"
+
+
+def test_sae_that_does_not_fit_is_refused(tiny_model, tokenizer):
+    from _tiny import make_sae
+
+    from safeguard import SAEError
+    from safeguard.models import LoadedModel
+    from safeguard.saes import SAESet
+
+    loaded = LoadedModel(tiny_model, tokenizer, "tiny-llama", "test", None)
+    with pytest.raises(SAEError, match="trained on 'other-model'"):
+        SteeredLLM(loaded, SAESet([make_sae(1, model_name="other-model")]))
+    with pytest.raises(SAEError, match="layers 0..3"):
+        SteeredLLM(loaded, SAESet([make_sae(7)]))
