@@ -1,0 +1,336 @@
+"""ChatSafeguard on a tiny random Llama: messages, reports, per-request policies, events, batching, loading."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import langchain_safeguard._loading as loading
+import pytest
+import yaml
+from _tiny import hooks_on, policy_dict
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import ConfigurableField
+from langchain_safeguard import REPORT_EVENT, ChatSafeguard
+from langchain_safeguard._convert import report_dict
+
+from safeguard import InputError, Policy, PolicyError, SteeredLLM
+
+FIRE = Policy.from_dict(policy_dict(threshold=-1.0))
+NEVER = Policy.from_dict(policy_dict(threshold=1e9))
+MAX = 6
+
+
+def without_timings(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k != "timings"}
+
+
+def expected(llm: SteeredLLM, prompt: Any, policy: Any = None, **kw: Any):
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return llm.chat(messages, policy=policy, max_new_tokens=MAX, **kw)
+
+
+@pytest.fixture
+def chat(tiny_llm):
+    return ChatSafeguard(llm=tiny_llm, max_tokens=MAX)
+
+
+class Events(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.reports: list[tuple[Any, dict[str, Any]]] = []
+        self.llm_runs: list[Any] = []
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: Any, **kw: Any) -> None:
+        self.llm_runs.append(run_id)
+
+    def on_custom_event(self, name: str, data: Any, *, run_id: Any, **kw: Any) -> None:
+        if name == REPORT_EVENT:
+            self.reports.append((run_id, data))
+
+
+class AsyncEvents(AsyncCallbackHandler, Events):
+    async def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: Any, **kw: Any) -> None:
+        self.llm_runs.append(run_id)
+
+    async def on_custom_event(self, name: str, data: Any, *, run_id: Any, **kw: Any) -> None:
+        if name == REPORT_EVENT:
+            self.reports.append((run_id, data))
+
+
+# ------------------------------------------------------------------------------------------ replies
+def test_invoke_is_steered_llm_chat_with_report_and_usage(chat, tiny_llm):
+    msg = chat.invoke("hello there")
+    ref = expected(tiny_llm, "hello there")
+    assert msg.content == ref.text
+    meta = msg.response_metadata
+    assert meta["model_name"] == "tiny-llama" and meta["finish_reason"] == ref.finish_reason
+    assert without_timings(meta["safeguard"]) == without_timings(report_dict(ref.report))
+    assert meta["safeguard"]["decisions"][0]["category"] == "cyber" and meta["safeguard"]["applied"][0]["kind"] == "add"
+    assert meta["safeguard"]["fired"] == ["cyber"] and meta["safeguard"]["policy_name"] == "tiny"
+    assert msg.usage_metadata == {"input_tokens": ref.prompt_tokens, "output_tokens": ref.completion_tokens,
+                                  "total_tokens": ref.prompt_tokens + ref.completion_tokens}
+
+
+def test_multi_turn_history_goes_through_the_chat_template(chat, tiny_llm):
+    history = [SystemMessage("You are terse."), HumanMessage("hi"), AIMessage("hello"), HumanMessage("how are you")]
+    ref = expected(tiny_llm, [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you"}])
+    assert chat.invoke(history).content == ref.text
+    assert chat.invoke([("system", "You are terse."), ("human", "hi"), ("ai", "hello"), ("human", "how are you")]).content == ref.text
+
+
+def test_text_blocks_are_joined_and_repeated_roles_merged(chat, tiny_llm):
+    blocks = HumanMessage(content=[{"type": "text", "text": "hello"}, "there"])
+    ref = expected(tiny_llm, [{"role": "user", "content": "hello\nthere\n\nagain"}])
+    assert chat.invoke([blocks, HumanMessage("again")]).content == ref.text
+
+
+@pytest.mark.parametrize(("messages", "match"), [
+    ([HumanMessage(content=[{"type": "image", "url": "https://x/y.png"}])], r"content\[0\] is a 'image' block; ChatSafeguard reads text only"),
+    ([HumanMessage("hi"), ToolMessage("42", tool_call_id="1")], "role 'tool' is not supported"),
+    ([HumanMessage("hi"), SystemMessage("late")], "a system message may only open the conversation"),
+    ([HumanMessage("hi"), AIMessage("hello")], "the last message must be a human message"),
+    ([AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "1"}]), HumanMessage("x")], "carries tool calls"),
+])
+def test_unsupported_messages_fail_with_a_clear_error(chat, messages, match):
+    with pytest.raises(InputError, match=match):
+        chat.invoke(messages)
+
+
+def test_unknown_and_model_arguments_are_refused(chat):
+    with pytest.raises(InputError, match=r"unknown argument\(s\) \['temprature'\]"):
+        chat.invoke("hi", temprature=0.5)
+    with pytest.raises(InputError, match="one model per instance"):
+        chat.invoke("hi", model="gpt-4o")
+    with pytest.raises(InputError, match="tool calling"):
+        chat.invoke("hi", tools=[])
+
+
+def test_stop_cuts_the_reply(chat, tiny_llm):
+    full = chat.invoke("hello there", max_tokens=12).content
+    assert len(full) > 3
+    stop = full[2:4]
+    assert chat.invoke("hello there", max_tokens=12, stop=[stop]).content == full[: full.index(stop)]
+    assert ChatSafeguard(llm=tiny_llm, max_tokens=12, stop=[stop]).invoke("hello there").content == full[: full.index(stop)]
+
+
+def test_steer_false_answers_unsteered(chat, tiny_llm):
+    msg = chat.invoke("hello there", steer=False)
+    assert msg.content == tiny_llm.generate("hello there", steer=False, max_new_tokens=MAX).text
+    assert msg.response_metadata["safeguard"]["mode"] == "off"
+
+
+# ---------------------------------------------------------------------------------------- streaming
+def test_stream_is_token_by_token_and_ends_with_the_report(chat, tiny_llm):
+    chunks = list(chat.stream("hello there"))
+    ref = expected(tiny_llm, "hello there")
+    assert "".join(c.content for c in chunks) == ref.text
+    assert len(chunks) >= 3 and all(c.chunk_position is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.chunk_position == "last" and last.content == ""
+    assert last.response_metadata["safeguard"]["fired"] == ["cyber"]
+    assert last.usage_metadata["output_tokens"] == ref.completion_tokens
+    assert all(c.usage_metadata is None and "safeguard" not in c.response_metadata for c in chunks[:-1])
+
+
+def test_stream_closed_early_leaves_no_hooks(chat, tiny_llm):
+    it = chat.stream("hello there", max_tokens=50)
+    next(it)
+    it.close()
+    assert hooks_on(tiny_llm.model) == 0
+    assert chat.invoke("hello there").content == expected(tiny_llm, "hello there").text
+
+
+async def test_async_variants_match_sync(chat, tiny_llm):
+    ref = expected(tiny_llm, "hello there", policy=NEVER)
+    assert (await chat.ainvoke("hello there", policy=NEVER)).content == ref.text
+    chunks = [c async for c in chat.astream("hello there", policy=NEVER)]
+    assert "".join(c.content for c in chunks) == ref.text and chunks[-1].chunk_position == "last"
+    assert chunks[-1].response_metadata["safeguard"]["fired"] == []
+    out = await chat.abatch(["hello there", "hello there"], config=[{}, {"configurable": {"policy": NEVER}}])
+    assert out[1].content == ref.text and out[0].content == expected(tiny_llm, "hello there").text
+
+
+def test_streaming_true_makes_invoke_stream_to_callbacks(tiny_llm):
+    tokens: list[str] = []
+
+    class Tokens(BaseCallbackHandler):
+        def on_llm_new_token(self, token: str, **kw: Any) -> None:
+            tokens.append(token)
+
+    msg = ChatSafeguard(llm=tiny_llm, max_tokens=MAX, streaming=True).invoke("hello there", config={"callbacks": [Tokens()]})
+    assert "".join(tokens) == msg.content and len(tokens) >= 3
+    assert msg.response_metadata["safeguard"]["fired"] == ["cyber"]
+
+
+# ------------------------------------------------------------------------------ per-request policy
+def test_policy_per_call_bind_config_and_field(chat, tiny_llm, tmp_path):
+    path = tmp_path / "never.yaml"
+    path.write_text(yaml.safe_dump(policy_dict(threshold=1e9)))
+    never, fire = expected(tiny_llm, "hello there", policy=NEVER).text, expected(tiny_llm, "hello there").text
+    assert never != fire
+    assert chat.invoke("hello there", policy=str(path)).content == never
+    assert chat.bind(policy=path).invoke("hello there").content == never
+    assert chat.with_config(configurable={"policy": str(path)}).invoke("hello there").content == never
+    assert chat.invoke("hello there", config={"configurable": {"policy": NEVER}}).content == never
+    assert ChatSafeguard(llm=tiny_llm, max_tokens=MAX, policy=NEVER).invoke("hello there").content == never
+    # an explicit policy= wins over configurable, which wins over the field
+    assert chat.invoke("hello there", policy=FIRE, config={"configurable": {"policy": NEVER}}).content == fire
+    assert ChatSafeguard(llm=tiny_llm, max_tokens=MAX, policy=FIRE).invoke("hello there", config={"configurable": {"policy": NEVER}}).content == never
+
+
+def test_configurable_policy_inside_a_chain(chat, tiny_llm):
+    prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{question}")])
+    chain = prompt | chat | StrOutputParser()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    assert chain.invoke({"question": "hello there"}, config={"configurable": {"policy": NEVER}}) == expected(tiny_llm, messages, policy=NEVER).text
+    assert chain.invoke({"question": "hello there"}) == expected(tiny_llm, messages).text
+    streamed = "".join(chain.stream({"question": "hello there"}, config={"configurable": {"policy": NEVER}}))
+    assert streamed == expected(tiny_llm, messages, policy=NEVER).text
+    # LangChain's ConfigurableField route works too (it rebuilds the model, sharing the loaded SteeredLLM)
+    configurable = chat.configurable_fields(policy=ConfigurableField(id="policy"))
+    assert (prompt | configurable | StrOutputParser()).invoke({"question": "hello there"}, config={"configurable": {"policy": NEVER}}) \
+        == expected(tiny_llm, messages, policy=NEVER).text
+
+
+def test_a_bad_policy_fails_its_request_with_the_file_named(chat, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**policy_dict(), "categories": "nope"}))
+    with pytest.raises(PolicyError, match="bad.yaml"):
+        chat.invoke("hello there", policy=str(bad))
+
+
+# ------------------------------------------------------------------------------------ report events
+def test_every_path_emits_the_report_event_on_the_chat_model_run(chat, tiny_llm):
+    h = Events()
+    cfg = {"callbacks": [h]}
+    chat.invoke("hello there", config=cfg)
+    list(chat.stream("hello there", config=cfg))
+    chat.batch(["hello there", "hi"], config=cfg)
+    ChatSafeguard(llm=tiny_llm, max_tokens=MAX, streaming=True).invoke("hello there", config=cfg)
+    list(chat.stream_events("hello there", version="v3", config=cfg))
+    assert len(h.reports) == len(h.llm_runs) == 6
+    assert [run for run, _ in h.reports] == h.llm_runs
+    assert all(data["fired"] == ["cyber"] and data["policy_name"] == "tiny" for _, data in h.reports)
+
+
+async def test_async_paths_emit_the_report_event(chat):
+    h = AsyncEvents()
+    cfg = {"callbacks": [h]}
+    await chat.ainvoke("hello there", config=cfg)
+    [c async for c in chat.astream("hello there", config=cfg)]
+    await chat.abatch(["hello there", "hi"], config=cfg)
+    assert len(h.reports) == len(h.llm_runs) == 4 and [r for r, _ in h.reports] == h.llm_runs
+
+
+async def test_astream_events_shows_the_report(chat):
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | chat
+    events = [e async for e in chain.astream_events({"q": "hello there"}, version="v2")]
+    custom = [e for e in events if e["event"] == "on_custom_event" and e["name"] == REPORT_EVENT]
+    [model_run] = [e["run_id"] for e in events if e["event"] == "on_chat_model_start"]
+    assert len(custom) == 1 and custom[0]["run_id"] == model_run and custom[0]["data"]["fired"] == ["cyber"]
+
+
+# ----------------------------------------------------------------------------------------- batching
+def test_batch_is_one_generate_call_with_a_policy_per_row(chat, tiny_llm, monkeypatch):
+    calls = []
+    generate = tiny_llm.model.generate
+    monkeypatch.setattr(tiny_llm.model, "generate", lambda *a, **kw: calls.append(kw["input_ids"].shape) or generate(*a, **kw))
+    prompts = ["hello there", "a second, longer prompt for padding", "third", "hello there"]
+    policies = [NEVER, FIRE, NEVER, FIRE]
+    out = chat.batch(prompts, config=[{"configurable": {"policy": p}} for p in policies])
+    assert len(calls) == 1 and calls[0][0] == 4
+    assert [m.response_metadata["safeguard"]["fired"] for m in out] == [[], ["cyber"], [], ["cyber"]]
+    ref = tiny_llm.batch(prompts, policies=policies, max_new_tokens=MAX)
+    assert [m.content for m in out] == [r.text for r in ref]
+    assert out[0].content != out[3].content
+    assert len({m.id for m in out}) == 4
+
+
+def test_batch_rows_equal_one_at_a_time(chat, tiny_llm):
+    prompts = ["hello there", "a second, longer prompt for padding", "third"]
+    policies = [NEVER, FIRE, None]
+    out = chat.batch(prompts, config=[{"configurable": {"policy": p}} for p in policies])
+    assert [m.content for m in out] == [chat.invoke(p, policy=q).content for p, q in zip(prompts, policies, strict=True)]
+
+
+def test_batch_groups_rows_by_generation_settings(chat, tiny_llm, monkeypatch):
+    calls = []
+    generate = tiny_llm.model.generate
+    monkeypatch.setattr(tiny_llm.model, "generate", lambda *a, **kw: calls.append(kw["max_new_tokens"]) or generate(*a, **kw))
+    out = chat.batch(["hello there", "hi", "third"], max_tokens=3)
+    assert calls == [3] and all(m.usage_metadata["output_tokens"] <= 3 for m in out)
+    small = ChatSafeguard(llm=tiny_llm, batch_size=2, max_tokens=MAX)
+    calls.clear()
+    small.batch(["a b", "c d", "e f"])
+    assert calls == [MAX, MAX]
+
+
+def test_one_bad_row_fails_alone(chat, tiny_llm, tmp_path):
+    missing = str(tmp_path / "missing.yaml")
+    inputs = ["hello there", [HumanMessage(content=[{"type": "image", "url": "u"}])], "third", "fourth"]
+    configs = [{}, {}, {"configurable": {"policy": missing}}, {}]
+    h = Events()
+    out = chat.batch(inputs, config=[{**c, "callbacks": [h]} for c in configs], return_exceptions=True)
+    assert isinstance(out[1], InputError) and isinstance(out[2], PolicyError) and "missing.yaml" in str(out[2])
+    assert out[0].content == chat.invoke("hello there").content and out[3].content == chat.invoke("fourth").content
+    assert len(h.reports) == 2
+    with pytest.raises(InputError, match="reads text only"):
+        chat.batch(inputs)
+    assert hooks_on(tiny_llm.model) == 0
+
+
+def test_a_failing_shared_call_is_retried_row_by_row(tiny_llm):
+    small = SteeredLLM(tiny_llm._loaded, tiny_llm.saes, FIRE)
+    small.context_window = 40  # the long row no longer fits, the short ones do
+    chat = ChatSafeguard(llm=small, max_tokens=MAX)
+    out = chat.batch(["hi", "word " * 30, "hey"], return_exceptions=True)
+    assert isinstance(out[1], InputError) and "context window" in str(out[1])
+    assert out[0].content == chat.invoke("hi").content and out[2].content == chat.invoke("hey").content
+
+
+def test_batch_with_a_cache_falls_back_to_langchains_path(tiny_llm):
+    from langchain_core.caches import InMemoryCache
+
+    chat = ChatSafeguard(llm=tiny_llm, max_tokens=MAX, cache=InMemoryCache())
+    first = chat.batch(["hello there", "hi"])
+    assert [m.content for m in chat.batch(["hello there", "hi"])] == [m.content for m in first]
+
+
+# ---------------------------------------------------------------------------------------- loading
+def test_construction_is_cheap_and_lazy(monkeypatch):
+    monkeypatch.setattr(SteeredLLM, "from_pretrained", lambda *a, **kw: pytest.fail("construction must not load"))
+    t0 = time.perf_counter()
+    for _ in range(100):
+        ChatSafeguard(policy="policies/eu.yaml", temperature=0.3, max_tokens=5, stop=["x"])
+    assert time.perf_counter() - t0 < 1.0
+    m = ChatSafeguard()
+    assert m.model_name == "SmolLM2-135M-Instruct" and m._identifying_params["model"] == "SmolLM2-135M-Instruct"
+    assert m._get_ls_params()["ls_provider"] == "safeguard"
+
+
+def test_instances_share_one_loaded_model_per_model_and_sae(monkeypatch, tiny_llm):
+    loads: list[tuple[Any, ...]] = []
+
+    def fake(model=None, *, sae=None, quantization=None, device=None, **kw):
+        loads.append((model, sae, quantization, device))
+        return tiny_llm
+
+    monkeypatch.setattr(SteeredLLM, "from_pretrained", fake)
+    monkeypatch.setattr(loading, "_shared", {})
+    a, b = ChatSafeguard(policy=NEVER), ChatSafeguard(device="cpu", max_tokens=3)
+    assert a.steered_llm is b.steered_llm is tiny_llm and len(loads) == 1
+    assert ChatSafeguard(sae="some/other/sae").steered_llm is tiny_llm
+    assert ChatSafeguard(sae="some/other/sae", policy=FIRE).steered_llm is tiny_llm
+    assert loads == [(None, None, None, "cpu"), (None, "some/other/sae", None, "cpu")]
+
+
+def test_llm_and_loading_arguments_are_exclusive(tiny_llm):
+    with pytest.raises(ValueError, match="either llm="):
+        ChatSafeguard(llm=tiny_llm, model="x")
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        ChatSafeguard(polcy="x")
+    assert "llm" not in ChatSafeguard(llm=tiny_llm).model_dump()
