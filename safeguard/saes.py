@@ -321,4 +321,12 @@ def load_saes(specs: SAESpec | Sequence[SAESpec] | None, *, device: str | torch.
         specs = dirs
     elif isinstance(specs, (str, Path)) or not isinstance(specs, Sequence):
         specs = [specs]
-    return SAESet(load_sae(s, device=device, dtype=dtype) for s in specs)
+    expanded: list[SAESpec] = []
+    for s in specs:  # a folder of per-layer SAE folders stands for all of them
+        p = Path(str(s)).expanduser() if isinstance(s, (str, Path)) else None
+        if p is not None and p.is_dir() and not (p / "cfg.json").is_file():
+            children = sorted(c for c in p.iterdir() if (c / "cfg.json").is_file())
+            expanded.extend(children or [s])
+        else:
+            expanded.append(s)
+    return SAESet(load_sae(s, device=device, dtype=dtype) for s in expanded)

@@ -68,3 +68,12 @@ def test_offline_hub_model_fails_fast_with_instructions(monkeypatch):
     assert time.perf_counter() - t < 5
     with pytest.raises(ModelLoadError, match="quantization='3bit'"):
         load_model(None, quantization="3bit")
+
+
+def test_a_folder_of_layer_folders_loads_every_layer(tmp_path):
+    for layer in (1, 2):
+        make_sae(layer, seed=layer, model_name=None).sae.save_model(str(tmp_path / f"layer_{layer}"))
+    with pytest.warns(UserWarning, match="does not declare its model"):
+        saes = load_saes(tmp_path)
+        assert sorted(saes) == [1, 2]
+        saes[1].check_fits("tiny-llama", 32, 4)
