@@ -1,0 +1,35 @@
+"""The command line on the embedded default: `safeguard demo` and `safeguard chat`."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from safeguard.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def test_help_lists_every_command():
+    out = runner.invoke(app, ["--help"]).output
+    for cmd in ("demo", "chat", "train-sae"):
+        assert cmd in out
+
+
+def test_demo_runs_side_by_side():
+    result = runner.invoke(app, ["demo", "--n", "2", "--max-new-tokens", "8", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Policy default" in result.output and "unsteered" in result.output and "steered" in result.output
+    assert "Refusals (phrase matcher)" in result.output and "harmful" in result.output
+    assert result.output.count("fired:") == 4
+
+
+def test_chat_shows_what_fired_and_survives_bad_commands(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [")
+    script = "\n".join(["hello", f"/policy {bad}", "/off", "what is 2+2?", "/quit"]) + "\n"
+    result = runner.invoke(app, ["chat", "--max-new-tokens", "6", "--threads", "1"], input=script)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("bot> ") == 2 and "fired:" in result.output
+    assert "policy unchanged" in result.output and "steering off" in result.output
