@@ -82,3 +82,12 @@ def embedded_policy_pair():
             pytest.skip("policies/eu.yaml and policies/us.yaml are not there yet (issue 3 ships them)")
         return str(eu), str(us)
     return Policy.from_dict(stand_in_policy(threshold=-1.0, strength=4.0, name="fire")), Policy.from_dict(stand_in_policy())
+
+
+def same_model(llm, policy=None):
+    """Another SteeredLLM on the same loaded model and SAEs (nothing is copied), with its own active policy."""
+    from safeguard import SteeredLLM
+    from safeguard.models import LoadedModel
+
+    loaded = LoadedModel(model=llm.model, tokenizer=llm.tokenizer, name=llm.model_name, source="test", quantization=None)
+    return SteeredLLM(loaded, llm.saes, policy)

@@ -8,6 +8,7 @@ from typing import Any
 import langchain_safeguard._loading as loading
 import pytest
 import yaml
+from _embedded import same_model
 from _tiny import hooks_on, policy_dict
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -284,7 +285,7 @@ def test_one_bad_row_fails_alone(chat, tiny_llm, tmp_path):
 
 
 def test_a_failing_shared_call_is_retried_row_by_row(tiny_llm):
-    small = SteeredLLM(tiny_llm._loaded, tiny_llm.saes, FIRE)
+    small = same_model(tiny_llm, FIRE)
     small.context_window = 40  # the long row no longer fits, the short ones do
     chat = ChatSafeguard(llm=small, max_tokens=MAX)
     out = chat.batch(["hi", "word " * 30, "hey"], return_exceptions=True)

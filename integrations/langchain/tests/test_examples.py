@@ -14,7 +14,7 @@ from pathlib import Path
 import langchain_safeguard._loading as loading
 import pytest
 import yaml
-from _embedded import bundled_ready, shipped_policy, stand_in_llm, stand_in_policy
+from _embedded import bundled_ready, same_model, shipped_policy, stand_in_llm, stand_in_policy
 
 from safeguard import Policy, SteeredLLM
 
@@ -58,7 +58,7 @@ def stand_ins(monkeypatch, tmp_path):
     base = stand_in_llm()
 
     def from_pretrained(model=None, *, sae=None, policy=None, **kw):
-        return SteeredLLM(base._loaded, base.saes, Policy.load(policy) if policy is not None else base.policy)
+        return same_model(base, Policy.load(policy) if policy is not None else base.policy)
 
     monkeypatch.setattr(SteeredLLM, "from_pretrained", from_pretrained)
     monkeypatch.setattr(loading, "_shared", {})
