@@ -199,7 +199,7 @@ class ChatSafeguard(BaseChatModel):
     seed: int | None = None
     """Seeds torch before generating, for reproducible sampling."""
     timeout: float | None = None
-    """Seconds a reply may take; generation stops there (``finish_reason`` is then ``length``)."""
+    """Seconds a reply may take; generation stops there, keeping the text so far (transformers' ``max_time``)."""
     max_retries: int | None = None
     """Accepted for compatibility with code written for hosted chat models; unused (a local forward pass has nothing to retry)."""
     api_key: SecretStr | None = None
