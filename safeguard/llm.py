@@ -373,21 +373,22 @@ class SteeredLLM:
         return self._one(list(messages), policy=policy, steer=steer, max_new_tokens=max_new_tokens, temperature=temperature,
                          stop=stop, template=True, seed=seed, extra=generation_kwargs)
 
-    def batch(self, prompts: Sequence[PromptLike], *, policies: Sequence[PolicyLike | None] | None = None,
+    def batch(self, prompts: Sequence[PromptLike], *, policies: Sequence[PolicyLike | None | bool] | None = None,
               max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None, temperature: float | None = None,
               stop: Sequence[str] | None = None, template: bool = True, seed: int | None = None, batch_size: int = 8,
               **generation_kwargs: Any) -> list[GenerationResult]:
         """Reply to many prompts (strings or message lists) in padded batches of ``batch_size``.
 
-        ``policies`` gives each row its own policy (``None`` entries use the active one): one padded
-        generate call serves rows under different policies."""
+        ``policies`` gives each row its own policy (``None`` entries use the active one, ``False`` entries are
+        not steered): one padded generate call serves rows under different policies."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise InputError("batch takes a list of prompts")
         if not prompts:
             return []
         if policies is not None and len(policies) != len(prompts):
             raise InputError(f"policies has {len(policies)} entries for {len(prompts)} prompts")
-        compiled = [self._resolve(policies[i] if policies is not None and policies[i] is not None else policy, steer)
+        compiled = [None if policies is not None and policies[i] is False
+                    else self._resolve(policies[i] if policies is not None and policies[i] is not None else policy, steer)
                     for i in range(len(prompts))]
         for p in prompts:  # validate every row before generating any
             self._encode_one(p, template)

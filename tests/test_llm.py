@@ -210,3 +210,11 @@ def test_sae_that_does_not_fit_is_refused(tiny_model, tokenizer):
         SteeredLLM(loaded, SAESet([make_sae(1, model_name="other-model")]))
     with pytest.raises(SAEError, match="layers 0..3"):
         SteeredLLM(loaded, SAESet([make_sae(7)]))
+
+
+def test_batch_rows_marked_false_are_not_steered(llm):
+    prompts = ["one prompt", "two prompt"]
+    mixed = llm.batch(prompts, policies=[False, None], **KW)
+    plain = llm.batch(prompts, steer=False, **KW)
+    assert mixed[0].report.mode == "off" and mixed[0].text == plain[0].text
+    assert mixed[1].report.fired == ("cyber",)
