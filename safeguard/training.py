@@ -14,7 +14,7 @@ with a refusal reply and once with the model's own greedy reply, plus ordinary t
 standard library). The first position of every sequence is left out: at layer 20 of SmolLM2 it is an
 attention sink whose norm is about 100 times that of other tokens.
 
-    python -m safeguard.training --layers 10 20 --d-sae 4608 --tokens 1200000 --out safeguard/bundled/smollm2-135m-instruct
+    python -m safeguard.training --layers 10 20 --d-sae 4608 --tokens 1500000 --out safeguard/bundled/smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -106,9 +106,7 @@ COMPLIANT_OPENERS = (
 )
 """Compliant openers, used where the model's own greedy reply reads like a refusal."""
 
-_REFUSAL_PATTERN = re.compile(
-    r"\b(I can(?:no|')t|I cannot|I'm sorry|I am sorry|I apologi[sz]e|I won't|I'm not able|I am not able|I'm unable)\b"
-)
+_REFUSAL_PATTERN = re.compile(r"\b(I can(?:no|')t|I cannot|I'm sorry|I am sorry|I apologi[sz]e|I won't|I'm not able|I am not able|I'm unable)\b")
 _FIRST_POSITION_NOTE = "the first position of every sequence is left out (an attention sink, about 100x the usual norm at layer 20)"
 
 
@@ -160,43 +158,38 @@ def generate_replies(
     cache: Path | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """The model's greedy replies to ``prompts`` (chat-formatted), cached in ``cache`` when given."""
+    """The model's greedy replies to ``prompts`` (chat-formatted). ``cache`` is a JSON file of
+    ``{prompt: reply}`` for this model and ``max_new_tokens``; only prompts missing from it are generated."""
     from tqdm.auto import tqdm
 
-    if cache is not None and cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("prompts") == list(prompts):
-            return list(cached["replies"])
+    known: dict[str, str] = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    missing = sorted({p for p in prompts if p not in known}, key=len)  # similar lengths pad less
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    replies: list[str] = []
     try:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-        out: dict[int, str] = {}
-        for start in tqdm(range(0, len(order), batch_size), desc="Generating replies", disable=not progress):
-            idx = order[start : start + batch_size]
+        for start in tqdm(range(0, len(missing), batch_size), desc="Generating replies", disable=not progress):
+            batch = missing[start : start + batch_size]
             texts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False, add_generation_prompt=True)
+                tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                 if getattr(tokenizer, "chat_template", None)
-                else f"User: {prompts[i]}\nAssistant:"
-                for i in idx
+                else f"User: {p}\nAssistant:"
+                for p in batch
             ]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            for row, i in enumerate(idx):
-                out[i] = tokenizer.decode(gen[row, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        replies = [out[i] for i in range(len(prompts))]
+            for row, p in enumerate(batch):
+                known[p] = tokenizer.decode(gen[row, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     finally:
         tokenizer.padding_side = side
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"prompts": list(prompts), "replies": replies}))
-        tmp.replace(cache)
-    return replies
+        if cache is not None and missing:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, ensure_ascii=False, sort_keys=True))
+            tmp.replace(cache)
+    return [known[p] for p in prompts]
 
 
 def ordinary_texts() -> list[str]:
@@ -239,26 +232,22 @@ def build_corpus(
 ) -> Corpus:
     """The default training corpus (see the module docstring), about ``unique_tokens`` tokens of train text.
 
-    Prompts are split with ``safeguard.datasets.split`` at its defaults (30 % held out, seed 0), the project's
-    standard split, so SAEs never see the held-out prompts that evaluations use. Model replies are cached under
-    the safeguard cache.
+    Each prompt source is split on its own with ``safeguard.datasets.split`` at its defaults (30 % held out,
+    seed 0), the project's standard split, so SAEs never see the held-out prompts that evaluations use. Model
+    replies are cached under the safeguard cache.
     """
     from . import datasets as ds
     from .models import cache_root
 
-    harmful = ds.split(ds.load_advbench() + ds.load_donotanswer())
-    harmless = ds.split(ds.load_harmless())
-    held_harmful = sorted(harmful.held_out, key=lambda p: _sha(p.text))[:80]
-    held_harmless = sorted(harmless.held_out, key=lambda p: _sha(p.text))[:40]
-    train_prompts = [p.text for p in harmful.train + harmless.train]
-    held_prompts = [p.text for p in held_harmful + held_harmless]
-    cache = cache_root() / "corpus"
-    train_replies = generate_replies(
-        model, tokenizer, train_prompts, cache=cache / f"replies-{model_key}-{_sha(train_prompts)[:16]}.json", progress=progress
-    )
-    held_replies = generate_replies(
-        model, tokenizer, held_prompts, cache=cache / f"replies-{model_key}-{_sha(held_prompts)[:16]}.json", progress=progress
-    )
+    advbench, donotanswer, harmless = ds.split(ds.load_advbench()), ds.split(ds.load_donotanswer()), ds.split(ds.load_harmless())
+    harmful_train = advbench.train + donotanswer.train
+    held = sorted(advbench.held_out + donotanswer.held_out, key=lambda p: _sha(p.text))[:80]
+    held += sorted(harmless.held_out, key=lambda p: _sha(p.text))[:40]
+    train_prompts = [p.text for p in harmful_train + harmless.train]
+    held_prompts = [p.text for p in held]
+    cache = cache_root() / "corpus" / f"replies-{model_key}-40.json"
+    replies = generate_replies(model, tokenizer, train_prompts + held_prompts, cache=cache, progress=progress)
+    train_replies, held_replies = replies[: len(train_prompts)], replies[len(train_prompts) :]
 
     def chats(prompts: list[str], replies: list[str]) -> tuple[list[str], int]:
         texts, swapped = [], 0
@@ -289,8 +278,8 @@ def build_corpus(
             f"the model's greedy reply (40 new tokens), plus Python {platform.python_version()} standard-library docstrings in "
             f"{context_size}-token chunks; {_FIRST_POSITION_NOTE}"
         ),
-        "split": "safeguard.datasets.split(held_out=0.3, seed=0)",
-        "harmful_train_prompts": len(harmful.train),
+        "split": "each source on its own: safeguard.datasets.split(load_x(), held_out=0.3, seed=0).train",
+        "harmful_train_prompts": len(harmful_train),
         "harmless_train_prompts": len(harmless.train),
         "chat_texts": len(train_chats),
         "chat_tokens": chat_tokens,
@@ -327,12 +316,16 @@ def collect_activations(
     max_tokens: int,
     context_size: int = 256,
     batch_size: int = 16,
+    max_norm_ratio: float | None = 10.0,
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
     """Output activations of decoder ``layers`` at every position but the first of each text, float32.
 
     One forward pass per batch serves all layers; it stops after the deepest layer. Returns ``{layer: (n, d)}``
-    with at most ``max_tokens`` rows, in text order.
+    with at most ``max_tokens`` rows, texts sorted by length. Rows where any layer's norm exceeds
+    ``max_norm_ratio`` times that layer's median norm are dropped: besides the first position, runs of a repeated
+    token ("99999...") at the start of a text become attention sinks too, and their norms (about 100x) would
+    dominate the SAE's loss.
     """
     from tqdm.auto import tqdm
 
@@ -383,7 +376,17 @@ def collect_activations(
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: acts[:filled] for layer, acts in out.items()}
+    acts = {layer: a[:filled] for layer, a in out.items()}
+    if max_norm_ratio is not None and filled:
+        keep = torch.ones(filled, dtype=torch.bool)
+        for a in acts.values():
+            norms = a.norm(dim=-1)
+            keep &= norms <= max_norm_ratio * norms.median()
+        if not bool(keep.all()):
+            dropped = int((~keep).sum())
+            log.info("dropped %d of %d activation vectors as attention sinks", dropped, filled, extra={"dropped": dropped, "of": filled})
+            acts = {layer: a[keep] for layer, a in acts.items()}
+    return acts
 
 
 def _batches(acts: dict[str, torch.Tensor], batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -396,6 +399,13 @@ def _batches(acts: dict[str, torch.Tensor], batch_size: int, seed: int) -> Itera
         for i in range(0, n - batch_size + 1, batch_size):
             idx = perm[i : i + batch_size]
             yield {name: a[idx] for name, a in acts.items()}
+
+
+def _counting(provider: Iterator[dict[str, torch.Tensor]], pbar: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """``provider``, advancing ``pbar`` by each batch's size (sae-lens' own bar moves only every 100 steps)."""
+    for batch in provider:
+        pbar.update(next(iter(batch.values())).shape[0])
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,10 +439,11 @@ def fit_saes(
     *,
     d_sae: int,
     tokens: int,
-    batch_size: int = 2048,
-    lr: float = 1e-3,
-    l1_coefficient: float = 5.0,
+    batch_size: int = 512,
+    lr: float = 3e-3,
+    l1_coefficient: float = 0.5,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[int, Any]:
     """Train one standard sae-lens ``TrainingSAE`` per layer of ``acts`` ({layer: (n, d)}) with ``MultiSAETrainer``.
 
@@ -444,13 +455,14 @@ def fit_saes(
     from sae_lens import LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+    from tqdm.auto import tqdm
 
     steps = tokens // batch_size
     n = next(iter(acts.values())).shape[0]
     saes = {}
     for layer, a in acts.items():
         torch.manual_seed(seed + layer)
-        saes[hook_name(layer)] = StandardTrainingSAE(
+        sae = StandardTrainingSAE(
             StandardTrainingSAEConfig(
                 d_in=int(a.shape[1]),
                 d_sae=d_sae,
@@ -460,6 +472,9 @@ def fit_saes(
                 apply_b_dec_to_input=True,
             )
         )
+        with torch.no_grad():  # start the decoder bias at the (scaled) mean: half of a residual vector's energy is its mean
+            sae.b_dec.copy_(a.mean(0) * (a.shape[1] ** 0.5) / a.norm(dim=-1).mean())
+        saes[hook_name(layer)] = sae
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,
@@ -471,7 +486,9 @@ def fit_saes(
         logger=LoggingConfig(log_to_wandb=False),
     )
     provider = _batches({hook_name(layer): a for layer, a in acts.items()}, batch_size, seed)
-    MultiSAETrainer(trainer_cfg, saes, {k: k for k in saes}, provider).fit()
+    total = (steps + trainer_cfg.n_batches_for_norm_estimate) * batch_size
+    with tqdm(total=total, desc=f"Training {len(saes)} SAEs", unit="tok", disable=not progress) as pbar:
+        MultiSAETrainer(trainer_cfg, saes, {k: k for k in saes}, _counting(provider, pbar)).fit()
     return {layer: saes[hook_name(layer)] for layer in acts}
 
 
@@ -503,16 +520,16 @@ def train_sae(
     layers: Sequence[int],
     *,
     d_sae: int = 4608,
-    tokens: int = 1_200_000,
+    tokens: int = 1_500_000,
     out_dir: str | Path,
     seed: int = 0,
-    epochs: int = 2,
+    epochs: int = 3,
     texts: Sequence[str] | None = None,
     held_out_texts: Sequence[str] | None = None,
     model_name: str | None = None,
-    l1_coefficient: float = 5.0,
-    lr: float = 1e-3,
-    batch_size: int = 2048,
+    l1_coefficient: float = 0.5,
+    lr: float = 3e-3,
+    batch_size: int = 512,
     dtype: str = "float16",
     command: str | None = None,
     progress: bool = True,
@@ -576,7 +593,7 @@ def train_sae(
 
     d_in = next(iter(train_acts.values())).shape[1]
     train_started = time.monotonic()
-    trained = fit_saes(train_acts, d_sae=d_sae, tokens=tokens, batch_size=batch_size, lr=lr, l1_coefficient=l1_coefficient, seed=seed)
+    trained = fit_saes(train_acts, d_sae=d_sae, tokens=tokens, batch_size=batch_size, lr=lr, l1_coefficient=l1_coefficient, seed=seed, progress=progress)
     train_seconds = time.monotonic() - train_started
     steps = tokens // batch_size
 
@@ -599,8 +616,7 @@ def train_sae(
             "d_sae": d_sae,
             "dtype": dtype,
             "decoder_rows_unit_norm": True,
-            "command": command
-            or f"safeguard.training.train_sae({str(model_folder)!r}, {layers}, d_sae={d_sae}, tokens={tokens}, seed={seed})",
+            "command": command or f"safeguard.training.train_sae({str(model_folder)!r}, {layers}, d_sae={d_sae}, tokens={tokens}, seed={seed})",
             "corpus": corpus.description,
             "training": {
                 "trainer": "sae_lens MultiSAETrainer (all layers in lockstep on one activation stream)",
@@ -655,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--layers", type=int, nargs="+", required=True)
     parser.add_argument("--d-sae", type=int, default=4608)
-    parser.add_argument("--tokens", type=int, default=1_200_000, help="activation vectors each SAE trains on")
+    parser.add_argument("--tokens", type=int, default=1_500_000, help="activation vectors each SAE trains on")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

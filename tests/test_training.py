@@ -121,8 +121,8 @@ def test_train_sae_rejects_missing_layers(tiny_model, tmp_path):
 
 def test_cli_command_records_exactly_the_flags():
     assert (
-        T.cli_command(None, [10, 20], 4608, 1_200_000, Path("safeguard/bundled/smollm2-135m-instruct"), 0)
-        == "safeguard train-sae --layers 10 20 --d-sae 4608 --tokens 1200000 --out safeguard/bundled/smollm2-135m-instruct --seed 0"
+        T.cli_command(None, [10, 20], 4608, 1_500_000, Path("safeguard/bundled/smollm2-135m-instruct"), 0)
+        == "safeguard train-sae --layers 10 20 --d-sae 4608 --tokens 1500000 --out safeguard/bundled/smollm2-135m-instruct --seed 0"
     )
 
 
