@@ -147,21 +147,17 @@ def chat(
             typer.echo(f"     [{result.report.mode}; fired: {fired or 'nothing'}]")
 
 
-@app.command("train-sae")
-def train_sae(
-    layers: Annotated[list[int], typer.Option(help="Decoder layers to train an SAE for (repeat the option).")],
-    out: Annotated[Path, typer.Option(help="Output folder; one subfolder per layer. Finished layers are skipped.")],
-    model: Annotated[str | None, typer.Option(help="HF folder or hub id (default: the embedded model).")] = None,
-    d_sae: Annotated[int, typer.Option(help="Number of SAE features.")] = 4608,
-    tokens: Annotated[int, typer.Option(help="Training tokens per layer.")] = 500_000,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-) -> None:
-    """Train SAEs with sae-lens' trainer on a chat corpus of harmful/harmless requests and replies."""
-    _threads(None)
-    from .training import train_sae_cli
+@app.command(
+    "train-sae",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def train_sae(ctx: typer.Context) -> None:
+    """Train SAEs with sae-lens' trainer on a chat corpus of harmful/harmless requests and replies
+    (`safeguard train-sae --help` lists the flags: --layers 10 20 --d-sae --tokens --out --seed --model)."""
+    from .training import main as training_main
 
-    for layer, folder in train_sae_cli(model, list(layers), d_sae, tokens, out, seed).items():
-        typer.echo(f"layer {layer}: {folder}")
+    training_main(ctx.args)
 
 
 def _register_optional() -> None:
