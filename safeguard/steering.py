@@ -240,13 +240,15 @@ class RunState:
             if p is None or not p.enforce:
                 continue
             vec = None
+            seen: set[Any] = set()  # an action that several fired categories share is applied once
             for c in p.categories:
                 d = self.decisions[row].get(c.id)
                 if d is None or not d.fired:
                     continue
                 for a in c.actions:
-                    if a.layer != layer or a.positions not in (phase, "both"):
+                    if a.layer != layer or a.positions not in (phase, "both") or a.spec in seen:
                         continue
+                    seen.add(a.spec)
                     if a.vector is not None:
                         vec = a.vector if vec is None else vec + a.vector
                     else:
