@@ -21,9 +21,11 @@ from safeguard.selection import (
     detection_scores,
     distinct_features,
     features_command,
+    fit_probe,
     is_degenerate,
     pick_strength,
     plot_sweep,
+    pooled_features,
     render_table,
     select,
 )
@@ -82,7 +84,19 @@ def test_threshold_sits_above_every_benign_score():
     t = choose_threshold(pos, neg, margin=0.1)
     assert t == pytest.approx(1.1)
     assert not (neg >= t).any() and (pos >= t).sum() == 2
-    assert choose_threshold(pos, torch.tensor([0.0, 0.0]), margin=0.1) == pytest.approx(0.1)
+    assert choose_threshold(pos, torch.tensor([0.0, 0.0]), margin=0.1) == pytest.approx(0.2)  # 10% of the way to the median positive
+    assert choose_threshold(pos * 3 - 1, neg * 3 - 1, margin=0.1) == pytest.approx(t * 3 - 1)  # scale-free
+
+
+def test_the_probe_separates_a_planted_direction():
+    g = torch.Generator().manual_seed(2)
+    neg = torch.relu(torch.randn(60, 6, generator=g))
+    pos = torch.relu(torch.randn(40, 6, generator=g))
+    pos[:, 2] += 2.0
+    w, b = fit_probe(pos, neg)
+    assert int(w.abs().argmax()) == 2 and w[2] > 0
+    acc = ((pos @ w + b > 0).float().mean() + (neg @ w + b < 0).float().mean()) / 2
+    assert acc > 0.9
 
 
 def test_the_sweep_picks_the_expected_strength_on_a_synthetic_curve():
@@ -119,27 +133,39 @@ def test_streamed_prompt_statistics_equal_a_direct_computation(llm):
     for text in groups["x"]:
         ids, mask = llm._encode_one(text, True)
         captured = {}
-        hook = llm.model.model.layers[1].register_forward_hook(lambda m, a, o: captured.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+        hook = llm.model.model.layers[1].register_forward_hook(lambda m, a, o, c=captured: c.__setitem__("h", o[0] if isinstance(o, tuple) else o))
         try:
             with torch.no_grad():
                 llm.model(input_ids=torch.tensor([ids]))
         finally:
             hook.remove()
         h = captured["h"][0][torch.tensor(mask)]
-        rows.append(sae.sae.encode(h).amax(0))
+        rows.append(sae.sae.encode(h).mean(0))
     direct = torch.stack(rows).double()
     torch.testing.assert_close(ps.detect.summary("x").mean, direct.mean(0), rtol=1e-4, atol=1e-5)
     assert ps.detect.count("y") == 1 and ps.resid_norm > 0
 
 
 def test_detection_scores_are_the_engines_scores(llm):
-    det = Detector("cyber", [3, 5], [0.5, 2.0])
+    det = Detector("cyber", [3, 5], [0.5, 2.0], "max")
     prompts = ["a first prompt", "the second prompt is longer than the first one", "third"]
     mine = detection_scores(llm, prompts, [det], layer=1)["cyber"]
     pol = policy_dict(features=det.features)
     pol["categories"][0]["detect"].update(weights=det.weights, combine="sum", reduce="max")
     res = llm.batch(prompts, policy=Policy.from_dict(pol), max_new_tokens=1)
     engine = torch.tensor([r.report.decisions[0].score for r in res])
+    torch.testing.assert_close(mine, engine, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_pooled_features_times_weights_are_the_engines_mean_scores(llm):
+    prompts = ["a first prompt", "the second prompt is longer than the first one", "third"]
+    det = Detector("cyber", [3, 5, 9], [0.5, -2.0, 1.0], "mean")
+    pooled = pooled_features(llm, prompts, det.features, layer=1, batch_size=2)
+    mine = pooled @ torch.tensor(det.weights)
+    torch.testing.assert_close(mine, detection_scores(llm, prompts, [det], layer=1)["cyber"], rtol=1e-4, atol=1e-5)
+    pol = policy_dict(features=det.features)
+    pol["categories"][0]["detect"].update(weights=det.weights, combine="sum", reduce="mean")
+    engine = torch.tensor([r.report.decisions[0].score for r in llm.batch(prompts, policy=Policy.from_dict(pol), max_new_tokens=1)])
     torch.testing.assert_close(mine, engine, rtol=1e-4, atol=1e-5)
 
 
@@ -166,7 +192,7 @@ def test_select_writes_a_policy_with_provenance_tables_and_vectors(llm, tmp_path
     monkeypatch.setenv("SAFEGUARD_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "policies" / "tiny.yaml"
     res = select(llm, name="tiny", out=out, categories=["security_risks", "misinformation"], redirect=["misinformation"],
-                 detect_layer=1, steer_layer=2, n_detect_features=2, n_steer_features=2, n_candidates=3, min_prompts=2,
+                 detect_layer=1, steer_layer=2, n_detect_features=2, n_detect_candidates=4, n_steer_features=2, n_candidates=3, min_prompts=2,
                  n_refusal_pairs=4, n_causal_prompts=2, strengths=(0.5, 1.0), n_val_harmful=4, n_val_benign=4, max_new_tokens=4,
                  data=_tiny_data(), progress=False, command="safeguard select --out tiny.yaml")
     pol = Policy.from_file(out)
