@@ -69,11 +69,15 @@ class SteeringReport:
         decisions = tuple(run.decisions[row][c.id] for c in p.categories if c.id in run.decisions[row])
         applied: list[AppliedSteering] = []
         if p.enforce:
+            seen: set[Any] = set()  # the engine applies an action shared by several fired categories once
             for c in p.categories:
                 if c.id not in run.decisions[row] or not run.decisions[row][c.id].fired:
                     continue
                 for a in c.actions:
                     s = a.spec
+                    if s in seen:
+                        continue
+                    seen.add(s)
                     if s.kind == "add":
                         applied.append(AppliedSteering(c.id, "add", s.layer, s.positions, feature=s.feature, strength=s.strength))
                     elif s.kind == "clamp":

@@ -204,3 +204,19 @@ def test_sae_set_refuses_two_saes_on_one_layer():
 
     with pytest.raises(SAEError, match="two SAEs read layer 1"):
         SAESet([make_sae(1), make_sae(1, seed=3)])
+
+
+def test_an_action_shared_by_two_fired_categories_is_applied_once(tiny_model, saes):
+    from safeguard.report import SteeringReport
+
+    act = {"kind": "add", "layer": 2, "feature": 7, "strength": 4.0, "positions": "prompt"}
+    cats = [{"id": cid, "label": cid, "detect": {"layer": 1, "features": [3], "threshold": -1.0}, "steer": [act]} for cid in ("a", "b")]
+    p = compile_policy(saes, categories=cats)
+    ids, attn = inputs()
+    base, _ = layer_outputs(tiny_model, ids, attn, None)
+    run = RunState([p] * B, torch.ones(B, P, dtype=torch.bool), attn)
+    steered, _ = layer_outputs(tiny_model, ids, attn, run)
+    row = saes[2].sae.W_dec[7].detach()
+    assert torch.equal(steered[2], base[2] + row / row.norm() * 4.0)
+    report = SteeringReport.from_run(run, 0, 0.0)
+    assert report.fired == ("a", "b") and len(report.applied) == 1
