@@ -6,7 +6,7 @@ policies, per request and per batch row.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import InputError, ModelLoadError, PolicyError, SAEError, SafeguardError
+from .errors import DatasetError, InputError, ModelLoadError, PolicyError, SAEError, SafeguardError, TrainingError
 from .llm import SteeredLLM, TextStream
 from .policy import Policy
 from .report import AppliedSteering, Decision, GenerationResult, SteeringReport
@@ -19,6 +19,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "AppliedSteering",
+    "DatasetError",
     "Decision",
     "GenerationResult",
     "InputError",
@@ -30,6 +31,7 @@ __all__ = [
     "SteeredLLM",
     "SteeringReport",
     "TextStream",
+    "TrainingError",
     "__version__",
     "steering",
 ]

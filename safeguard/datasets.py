@@ -39,7 +39,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import SafeguardError
+from .errors import DatasetError
 
 __all__ = [
     "ADVBENCH_WHEEL",
@@ -63,10 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("safeguard")
-
-
-class DatasetError(SafeguardError, ValueError):
-    """A prompt set could not be fetched or read (missing file, bad line, hub offline, ...)."""
 
 
 TAXONOMY_NAME = "AIR-Bench"

@@ -6,14 +6,16 @@ Every error the library raises on purpose derives from ``SafeguardError``::
      ├── PolicyError      (also a ValueError)   a policy file or object is invalid or does not fit
      ├── SAEError         (also a ValueError)   an SAE is missing, malformed, or does not fit the model
      ├── InputError       (also a ValueError)   a prompt or chat history the model cannot take
-     └── ModelLoadError   (also a RuntimeError) a model could not be loaded (offline, missing extra, ...)
+     ├── DatasetError     (also a ValueError)   a prompt set could not be fetched or read
+     ├── ModelLoadError   (also a RuntimeError) a model could not be loaded (offline, missing extra, ...)
+     └── TrainingError    (also a RuntimeError) SAE training could not run
 
 Messages say what was wrong, where (file, field) and what would have worked.
 """
 
 from __future__ import annotations
 
-__all__ = ["InputError", "ModelLoadError", "PolicyError", "SAEError", "SafeguardError"]
+__all__ = ["DatasetError", "InputError", "ModelLoadError", "PolicyError", "SAEError", "SafeguardError", "TrainingError"]
 
 
 class SafeguardError(Exception):
@@ -34,3 +36,11 @@ class InputError(SafeguardError, ValueError):
 
 class ModelLoadError(SafeguardError, RuntimeError):
     """A model or tokenizer could not be loaded."""
+
+
+class DatasetError(SafeguardError, ValueError):
+    """A prompt set could not be fetched or read (missing file, bad line, hub offline, ...)."""
+
+
+class TrainingError(SafeguardError, RuntimeError):
+    """SAE training could not run (bad layers, empty corpus, ...)."""

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .errors import SafeguardError
+from .errors import TrainingError
 
 __all__ = [
     "COMPLIANT_OPENERS",
@@ -108,10 +108,6 @@ COMPLIANT_OPENERS = (
 
 _REFUSAL_PATTERN = re.compile(r"\b(I can(?:no|')t|I cannot|I'm sorry|I am sorry|I apologi[sz]e|I won't|I'm not able|I am not able|I'm unable)\b")
 _FIRST_POSITION_NOTE = "the first position of every sequence is left out (an attention sink, about 100x the usual norm at layer 20)"
-
-
-class TrainingError(SafeguardError, RuntimeError):
-    """SAE training could not run (bad layers, empty corpus, ...)."""
 
 
 def hook_name(layer: int) -> str:
