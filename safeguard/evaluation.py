@@ -367,7 +367,8 @@ def evaluate(
             if name == "capability":
                 patterns = sets.capability[i][1]
                 correct_u, correct_s = answer_correct(plain[i], patterns), answer_correct(texts[i], patterns)
-            replies.append(Reply(name, cats[i], prompt, plain[i], texts[i], bool(ref_u[i]), bool(ref_s[i]),
+            shown = f"[{sets.jailbreak[i].template}] {sets.jailbreak[i].prompt}" if name == "jailbreak" else prompt  # templates are long
+            replies.append(Reply(name, cats[i], shown, plain[i], texts[i], bool(ref_u[i]), bool(ref_s[i]),
                                  tuple(steered[i].report.fired), correct_u, correct_s))
     enforced = [c.id for c in pol.active_categories]
     info = {

@@ -482,7 +482,10 @@ def compliance_replies(llm: Any, prompts: Sequence[str], *, max_new_tokens: int 
                 continue
             if f.parent.name == "corpus" and llm.model_name.lower().replace("-", "") not in f.name.lower().replace("-", ""):
                 continue
-            known.update(zip(data.get("prompts", []), data.get("replies", []), strict=False))
+            if isinstance(data, dict) and isinstance(data.get("prompts"), list):
+                known.update(zip(data["prompts"], data.get("replies", []), strict=False))
+            elif isinstance(data, dict):  # {prompt: reply}
+                known.update((k, v) for k, v in data.items() if isinstance(v, str))
     todo = [p for p in dict.fromkeys(prompts) if p not in known]
     if todo:
         new: list[str] = []
@@ -638,14 +641,16 @@ def strength_sweep(llm: Any, make_policy: Callable[[float], Any], harmful: Seque
     nh = len(harmful)
     kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
 
-    def run(policy: Any) -> list[Any]:
+    def run(policy: Any) -> list[Any]:  # the same chunks as the unsteered run, so rows that do not fire are identical
         out: list[Any] = []
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo:lo + batch_size]
-            out += llm.batch(chunk, steer=False, **kw) if policy is None else llm.batch(chunk, policy=policy, **kw)
+            out += llm.batch(chunk, policy=policy, **kw)
         return out
 
-    base = [r.text for r in run(None)]
+    from .evaluation import unsteered_replies
+
+    base = unsteered_replies(llm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
     base_ref = judge.judge(prompts, base)
     baseline = {"harmful_refusal": sum(base_ref[:nh]) / max(nh, 1), "benign_refusal": sum(base_ref[nh:]) / max(len(benign), 1)}
     points = []
@@ -880,7 +885,7 @@ def select(
     detect_layer: int = 10,
     steer_layer: int = 20,
     n_detect_features: int = 12,
-    n_detect_candidates: int = 32,
+    n_detect_candidates: int = 16,
     n_steer_features: int = 3,
     n_candidates: int = 8,
     max_decoder_cos: float = 0.7,
@@ -894,9 +899,10 @@ def select(
     strength: float | None = None,
     n_val_harmful: int = 32,
     n_val_benign: int = 32,
-    threshold_margin: float = 0.15,
-    strict_margin: float = 0.0,
-    max_benign_increase: float = 0.02,
+    threshold_margin: float | None = None,
+    max_val_fpr: float = 0.02,
+    strict_margin_scale: float = 0.5,
+    max_benign_increase: float = 0.04,
     redirect_strength: float = 1.0,
     seed: int = 0,
     tables: str | Path | None = None,
@@ -911,8 +917,8 @@ def select(
     ``categories``: the categories to enforce (default: every harm category with at least ``min_prompts``
     select-part prompts). ``disabled``: selected but written with ``enabled: false``. ``redirect``: categories
     answered with a SafeSteer-style dense vector instead of refusal features. ``strict``: categories whose
-    detection threshold sits just above the highest harmless score (``strict_margin`` of the way to the typical
-    harmful score instead of ``threshold_margin``): more sensitive. ``strength``: skip the sweep and use it.
+    detection margin is scaled by ``strict_margin_scale`` (more sensitive). ``threshold_margin``: fix the margin
+    instead of choosing it on the validation part. ``strength``: skip the sweep and use it.
     Strengths are in units of the typical steer-layer residual norm.
     """
     from safetensors.torch import save_file
@@ -968,9 +974,7 @@ def select(
                      lambda: pooled_features(llm, all_texts, union, layer=detect_layer, progress=progress, desc="Pooling candidates"))
     index = {t: i for i, t in enumerate(all_texts)}
     neg_idx = torch.tensor([index[t] for t in neg_texts])
-    detectors: list[Detector] = []
-    thresholds: dict[str, float] = {}
-    detect_report: dict[str, Any] = {}
+    fits: dict[str, tuple[Detector, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for c in cats:
         cols = torch.tensor([union.index(f) for f in cands[c]])
         pos_idx = torch.tensor([index[t] for t in pos_texts[c]])
@@ -978,13 +982,48 @@ def select(
         feats = [cands[c][i] for i in keep]
         det = Detector(c, feats, [round(float(x), 6) for x in w], "mean")
         all_scores = pooled[:, torch.tensor([union.index(f) for f in feats])] @ torch.tensor(det.weights)
-        pos, neg = all_scores[pos_idx], all_scores[neg_idx]
-        t = choose_threshold(oof_pos, oof_neg, margin=strict_margin if c in strict else threshold_margin)
-        detectors.append(det)
+        fits[c] = (det, all_scores, pos_idx, oof_pos, oof_neg)
+    detectors = [fits[c][0] for c in cats]
+
+    # thresholds: out-of-fold scores place them; one margin for all categories is picked on the validation part
+    # (detection only, no generation) so that at most max_val_fpr of its harmless prompts fire any category
+    enforced = [c for c in cats if c not in disabled]
+    val_h_texts = [p.text for p in data.harmful_val if p.category in enforced]
+    val_b_texts = [p.text for p in data.harmless_val]
+    used = sorted({f for d in detectors for f in d.features})
+    val_pooled = _cached(cache / f"valpooled-{_sha(llm.model_name, sae_key, used, val_h_texts, val_b_texts, detect_layer)[:20]}.pt",
+                         lambda: pooled_features(llm, val_h_texts + val_b_texts, used, layer=detect_layer, progress=progress, desc="Pooling validation"))
+
+    def val_scores(d: Detector) -> torch.Tensor:
+        return val_pooled[:, torch.tensor([used.index(f) for f in d.features])] @ torch.tensor(d.weights)
+
+    vscores = {c: val_scores(fits[c][0]) for c in enforced}
+    nvh = len(val_h_texts)
+
+    def thresholds_at(m: float) -> dict[str, float]:
+        return {c: choose_threshold(fits[c][3], fits[c][4], margin=m * (strict_margin_scale if c in strict else 1.0)) for c in cats}
+
+    def val_rates(th: dict[str, float]) -> tuple[float, float]:
+        fired = torch.zeros(len(val_h_texts) + len(val_b_texts), dtype=torch.bool)
+        for c in enforced:
+            fired |= vscores[c] >= th[c]
+        return float(fired[:nvh].float().mean()) if nvh else 0.0, float(fired[nvh:].float().mean()) if val_b_texts else 0.0
+
+    margin_grid = [threshold_margin] if threshold_margin is not None else [round(0.1 * i, 1) for i in range(0, 11)]
+    margin_table = [(m, *val_rates(thresholds_at(m))) for m in margin_grid]
+    ok = [row for row in margin_table if row[2] <= max_val_fpr + 1e-9]
+    margin = (max(ok, key=lambda r: (r[1], -r[0])) if ok else min(margin_table, key=lambda r: (r[2], -r[1])))[0]
+    th = thresholds_at(margin)
+    thresholds: dict[str, float] = {}
+    detect_report: dict[str, Any] = {}
+    for c in cats:
+        det, all_scores, pos_idx, oof_pos, oof_neg = fits[c]
+        t = th[c]
         thresholds[c] = round(t, 5)
+        pos, neg = all_scores[pos_idx], all_scores[neg_idx]
         other = torch.tensor([index[x] for c2 in cats if c2 != c for x in pos_texts[c2]], dtype=torch.long)
         detect_report[c] = {
-            "features": feats,
+            "features": det.features,
             "weights": det.weights,
             "threshold": thresholds[c],
             "select_recall": round(float((pos >= t).float().mean()), 3),
@@ -993,9 +1032,15 @@ def select(
             "select_benign_fpr": round(float((neg >= t).float().mean()), 4),
             "n_select": len(pos),
         }
+        if c in vscores:
+            detect_report[c]["val_harmful_fired"] = round(float((vscores[c][:nvh] >= t).float().mean()), 3)
+            detect_report[c]["val_benign_fired"] = round(float((vscores[c][nvh:] >= t).float().mean()), 3)
         sc, target, order = table[c]
-        rows += _rows("detect", c, detect_layer, sc, target, harmless, order, feats,
-                      {f: {"weight": wt} for f, wt in zip(feats, det.weights, strict=True)})
+        rows += _rows("detect", c, detect_layer, sc, target, harmless, order, det.features,
+                      {f: {"weight": wt} for f, wt in zip(det.features, det.weights, strict=True)})
+    margin_report = {"chosen": margin, "max_val_benign_fired": max_val_fpr,
+                     "grid": [{"margin": m, "val_harmful_fired": round(h, 3), "val_benign_fired": round(b, 3)} for m, h, b in margin_table],
+                     "validation_prompts": {"harmful": nvh, "benign": len(val_b_texts)}}
 
     # 3. refusal features at the steer layer: prefilled refusal vs compliance replies
     pair_prompts = [p.text for p in _cap([p for p in data.harmful_select if p.category in by_cat], n_refusal_pairs, seed + 7)]
@@ -1114,11 +1159,13 @@ def select(
         "redirect": ({"categories": list(redirect), "file": vec_file.name, "strength": redirect_strength,
                       "vectors": f"mean harmless minus mean category residual at layer {steer_layer} over user tokens (SafeSteer-style)"}
                      if redirect else None),
-        "strict": {"categories": list(strict), "threshold_margin": strict_margin} if strict else None,
+        "strict": {"categories": list(strict), "margin_scale": strict_margin_scale} if strict else None,
+        "threshold_margin": margin_report,
         "detection_rule": (f"per category: top {n_detect_candidates} features by composite score (mean over user tokens, category vs "
                            f"harmless select-part prompts), a class-balanced L2 logistic probe on them, the {n_detect_features} strongest kept and "
-                           f"refitted as the mean of 5 fold probes; threshold on out-of-fold scores = highest harmless score + {threshold_margin} "
-                           "of the gap to the median category score"),
+                           "refitted as the mean of 5 fold probes; threshold on out-of-fold scores = highest harmless score + a margin (share "
+                           "of the gap to the median category score), one margin for all categories, the smallest whose validation harmless "
+                           f"prompts fire any category at most {max_val_fpr:.0%} of the time"),
         "tables": rel(table_dir),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
@@ -1152,15 +1199,16 @@ def select_command(
     detect_layer: Annotated[int, typer.Option(help="Layer whose SAE detects categories.")] = 10,
     steer_layer: Annotated[int, typer.Option(help="Layer whose SAE features steer refusals.")] = 20,
     n_detect_features: Annotated[int, typer.Option(help="Features per category detector (kept from the probe).")] = 12,
-    n_detect_candidates: Annotated[int, typer.Option(help="Candidate features per category the probe starts from.")] = 32,
+    n_detect_candidates: Annotated[int, typer.Option(help="Candidate features per category the probe starts from.")] = 16,
     n_steer_features: Annotated[int, typer.Option(help="Distinct refusal features to steer with.")] = 3,
     strengths: Annotated[str, typer.Option(help="Strengths to sweep, x typical residual norm (comma-separated).")] = "0.5,0.75,1.0,1.25,1.5",
     strength: Annotated[float | None, typer.Option(help="Use this strength and sweep nothing else.")] = None,
     causal_strength: Annotated[float, typer.Option(help="Strength of the causal check, x residual norm.")] = 1.0,
     positions: Annotated[str, typer.Option(help="Where refusal features are added: prompt, generated or both.")] = "prompt",
-    threshold_margin: Annotated[float, typer.Option(help="Threshold: highest harmless score + this share of the gap to the median category score.")] = 0.15,
-    strict_margin: Annotated[float, typer.Option(help="The same share for --strict categories.")] = 0.0,
-    max_benign_increase: Annotated[float, typer.Option(help="Sweep: most benign refusal increase allowed (fraction).")] = 0.02,
+    threshold_margin: Annotated[float | None, typer.Option(help="Fix the threshold margin (share of the gap harmless max to category median).")] = None,
+    max_val_fpr: Annotated[float, typer.Option(help="Margin choice: most validation harmless prompts allowed to fire (fraction).")] = 0.02,
+    strict_margin_scale: Annotated[float, typer.Option(help="Margin factor of --strict categories.")] = 0.5,
+    max_benign_increase: Annotated[float, typer.Option(help="Sweep: most benign refusal increase allowed (fraction).")] = 0.04,
     redirect_strength: Annotated[float, typer.Option(help="Strength of redirect vectors.")] = 1.0,
     n_val_harmful: Annotated[int, typer.Option(help="Validation harmful prompts in the sweep.")] = 32,
     n_val_benign: Annotated[int, typer.Option(help="Validation benign prompts in the sweep.")] = 32,
@@ -1178,7 +1226,7 @@ def select_command(
                  description=description, detect_layer=detect_layer, steer_layer=steer_layer, n_detect_features=n_detect_features,
                  n_detect_candidates=n_detect_candidates,
                  n_steer_features=n_steer_features, strengths=_floats(strengths), strength=strength, causal_strength=causal_strength, positions=positions,
-                 threshold_margin=threshold_margin, strict_margin=strict_margin, max_benign_increase=max_benign_increase,
+                 threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, strict_margin_scale=strict_margin_scale, max_benign_increase=max_benign_increase,
                  redirect_strength=redirect_strength, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign, tables=tables, seed=seed,
                  command=command)
     c = res.chosen
