@@ -165,6 +165,8 @@ class RunState:
     _seq: int = 0
     _processed: int = 0
     _plans: dict[tuple[int, str], Any] = field(default_factory=dict)
+    _handle: SteeringHandle | None = None
+    _target: tuple[torch.device, torch.dtype] = (torch.device("cpu"), torch.float32)
 
     def __post_init__(self) -> None:
         if self.user_mask.shape != self.attention_mask.shape or self.user_mask.shape[0] != len(self.policies):
@@ -199,6 +201,13 @@ class RunState:
         self._seq = seq
         self._processed = self._start + seq
         self.calls += 1
+        if self.calls == 2 and seq == 1 and self._handle is not None and not self._steers_generated():
+            # decisions are made and nothing steers new tokens: decode at exactly the unsteered cost
+            self._handle.remove()
+
+    def _steers_generated(self) -> bool:
+        layers = {layer for p in self.policies if p is not None and p.enforce for layer in p.steer_layers}
+        return any(self._plan(layer, "generated", *self._target) is not None for layer in layers)
 
     def _detect(self, layer: int, h: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -303,8 +312,10 @@ class RunState:
                     f"steering was set up for {self.batch_size} rows but layer {layer} saw {h.shape[0]}; "
                     "beam search and num_return_sequences > 1 are not supported while steering"
                 )
-            if detect and self.calls == 1:
-                self._detect(layer, h)
+            if self.calls == 1:
+                self._target = (h.device, h.dtype)
+                if detect:
+                    self._detect(layer, h)
             if not steer:
                 return None
             new = self._steer(layer, h)
@@ -336,6 +347,7 @@ class SteeringHandle:
 def attach(model: Any, run: RunState) -> SteeringHandle:
     """Register the run's hooks; on any failure, the hooks registered so far are removed and it re-raises."""
     handle = SteeringHandle()
+    run._handle = handle
     try:
         layers = decoder_layers(model)
         wanted = run.layers()

@@ -220,3 +220,20 @@ def test_an_action_shared_by_two_fired_categories_is_applied_once(tiny_model, sa
     assert torch.equal(steered[2], base[2] + row / row.norm() * 4.0)
     report = SteeringReport.from_run(run, 0, 0.0)
     assert report.fired == ("a", "b") and len(report.applied) == 1
+
+
+@pytest.mark.parametrize(("positions", "threshold", "hooks_during_decode"),
+                         [("prompt", -1.0, 1), ("both", 1e9, 1), ("generated", -1.0, 4), ("both", -1.0, 4)])
+def test_decode_runs_hook_free_when_nothing_steers_new_tokens(tiny_model, saes, positions, threshold, hooks_during_decode):
+    p = compile_policy(saes, threshold=threshold, steer=[{"kind": "add", "layer": 2, "feature": 7, "strength": 4.0, "positions": positions}])
+    ids, attn = inputs(8)
+    seen: list[int] = []
+    probe = tiny_model.model.layers[3].register_forward_hook(lambda m, a, o: seen.append(hooks_on(tiny_model)))
+    try:
+        with steering(tiny_model, RunState([p] * B, torch.ones(B, P, dtype=torch.bool), attn)):
+            tiny_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=4, do_sample=False, pad_token_id=2)
+    finally:
+        probe.remove()
+    assert seen[0] == 4  # prefill: counter, detect, steer, and the probe itself
+    assert set(seen[1:]) == {hooks_during_decode}
+    assert hooks_on(tiny_model) == 0
