@@ -70,9 +70,7 @@ class SteeringReport:
         applied: list[AppliedSteering] = []
         if p.enforce:
             seen: set[Any] = set()  # the engine applies an action shared by several fired categories once
-            for c in p.categories:
-                if c.id not in run.decisions[row] or not run.decisions[row][c.id].fired:
-                    continue
+            for c in run.steering_categories(row):
                 for a in c.actions:
                     s = a.spec
                     if s in seen:

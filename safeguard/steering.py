@@ -237,6 +237,18 @@ class RunState:
                     self.decisions[row][c.id] = Decision(c.id, c.label, c.response, s, c.threshold, s >= c.threshold, layer)
         self.detect_seconds += time.perf_counter() - t0
 
+    def steering_categories(self, row: int) -> list[_Category]:
+        """The fired categories whose actions steer ``row``. Refusal outranks redirection: when a ``refuse``
+        category fired, the ``redirect`` categories that fired too do not steer (their vectors would pull the
+        reply back towards answering)."""
+        p = self.policies[row]
+        if p is None:
+            return []
+        fired = [c for c in p.categories if (d := self.decisions[row].get(c.id)) is not None and d.fired]
+        if any(c.response == "refuse" for c in fired):
+            fired = [c for c in fired if c.response != "redirect"]
+        return fired
+
     def _plan(self, layer: int, phase: str, device: torch.device, dtype: torch.dtype) -> Any:
         """Per-row steering at ``layer`` for ``phase`` ('prompt' or 'generated'), built once per run."""
         key = (layer, phase)
@@ -250,10 +262,7 @@ class RunState:
                 continue
             vec = None
             seen: set[Any] = set()  # an action that several fired categories share is applied once
-            for c in p.categories:
-                d = self.decisions[row].get(c.id)
-                if d is None or not d.fired:
-                    continue
+            for c in self.steering_categories(row):
                 for a in c.actions:
                     if a.layer != layer or a.positions not in (phase, "both") or a.spec in seen:
                         continue

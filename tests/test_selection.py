@@ -22,6 +22,7 @@ from safeguard.selection import (
     distinct_features,
     features_command,
     fit_probe,
+    greedy_margins,
     is_degenerate,
     pick_strength,
     plot_sweep,
@@ -214,3 +215,36 @@ def test_select_writes_a_policy_with_provenance_tables_and_vectors(llm, tmp_path
     shown = capsys.readouterr().out
     assert "security_risks" in shown and "refusal" in shown
     assert "feature" in render_table(table["rows"], category="refusal", top=2)
+
+
+def test_greedy_margins_lower_the_category_that_catches_most_within_the_benign_budget():
+    # category a: harmful scores spread out, one benign scores high; category b: clean separation
+    harmful = {"a": torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0]), "b": torch.tensor([0.0, 0.0, 0.0, 2.0, 2.5])}
+    benign = {"a": torch.tensor([0.0, 1.5, 0.0, 0.0]), "b": torch.tensor([0.0, 0.0, 0.0, 0.0])}
+
+    def threshold(c, m):  # margin m moves the threshold from 1.0 (m = 0) up to 3.0 (m = 1)
+        return 1.0 + 2.0 * m
+
+    out = greedy_margins(harmful, benign, threshold, [0.0, 0.25, 0.5, 0.75, 1.0], max_fpr=0.0)
+    assert out["b"] == 0.5  # catches both of b's prompts (threshold 2.0); lower catches nothing more
+    assert out["a"] == 0.5  # threshold 2.0 stays above a's benign 1.5 while catching 2.0 and 3.0
+    loose = greedy_margins(harmful, benign, threshold, [0.0, 0.25, 0.5, 0.75, 1.0], max_fpr=0.25)
+    assert loose["a"] == 0.0  # one benign prompt of four may fire: a goes down to catch 1.0 too
+
+
+def test_refusal_outranks_redirection_when_both_fire(llm, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"v": torch.ones(32) * 3.0}, str(tmp_path / "v.safetensors"))
+    add = [{"kind": "add", "layer": 2, "feature": 7, "strength": 4.0}]
+    vec = [{"kind": "vector", "layer": 2, "file": "v.safetensors", "key": "v", "strength": 1.0}]
+    refuse = policy_dict(steer=add)["categories"][0]
+    redirect = {**policy_dict(steer=vec)["categories"][0], "id": "misinfo", "response": "redirect"}
+    both = Policy.from_dict(policy_dict(categories=[refuse, redirect]), base_dir=str(tmp_path))
+    only_refuse = Policy.from_dict(policy_dict(categories=[refuse]), base_dir=str(tmp_path))
+    only_redirect = Policy.from_dict(policy_dict(categories=[redirect]), base_dir=str(tmp_path))
+    a = llm.generate("hello there", policy=both, max_new_tokens=6)
+    assert a.report.fired == ("cyber", "misinfo") and [s.kind for s in a.report.applied] == ["add"]
+    assert a.text == llm.generate("hello there", policy=only_refuse, max_new_tokens=6).text
+    r = llm.generate("hello there", policy=only_redirect, max_new_tokens=6)
+    assert [s.kind for s in r.report.applied] == ["vector"] and r.text != a.text
