@@ -195,6 +195,49 @@ def choose_threshold(positive: torch.Tensor, negative: torch.Tensor, *, max_fpr:
     return q + margin * gap + 1e-9
 
 
+def greedy_margins(harmful: Mapping[str, torch.Tensor], benign: Mapping[str, torch.Tensor], threshold: Callable[[str, float], float],
+                   grid: Sequence[float], *, max_fpr: float) -> dict[str, float]:
+    """A detection margin per category, chosen on validation scores (``harmful[c]`` and ``benign[c]`` are category
+    c's scores of the validation harmful and benign prompts; ``threshold(c, m)`` its threshold at margin m).
+
+    Every category starts at the largest margin of ``grid``; then, repeatedly, the one move that lowers one
+    category's margin and catches the most more harmful prompts (any category firing) is taken, as long as at
+    most ``max_fpr`` of the benign prompts fire any category. Moves that catch nothing more are never taken."""
+    cats = list(harmful)
+    grid = sorted(grid)
+    at = {c: len(grid) - 1 for c in cats}
+    cache: dict[tuple[str, int], float] = {}
+
+    def th(c: str, i: int) -> float:
+        if (c, i) not in cache:
+            cache[(c, i)] = threshold(c, grid[i])
+        return cache[(c, i)]
+
+    def rates(ix: Mapping[str, int]) -> tuple[float, float]:
+        h = torch.zeros(len(next(iter(harmful.values()))) if cats else 0, dtype=torch.bool)
+        b = torch.zeros(len(next(iter(benign.values()))) if cats else 0, dtype=torch.bool)
+        for c in cats:
+            h |= harmful[c] >= th(c, ix[c])
+            b |= benign[c] >= th(c, ix[c])
+        return float(h.float().mean()) if len(h) else 0.0, float(b.float().mean()) if len(b) else 0.0
+
+    cur_h, _ = rates(at)
+    while True:
+        best: tuple[tuple[float, int], dict[str, int], float] | None = None
+        for c in cats:
+            for j in range(at[c] - 1, -1, -1):
+                trial = {**at, c: j}
+                h, b = rates(trial)
+                if b <= max_fpr + 1e-9 and h > cur_h + 1e-12:
+                    key = (h - cur_h, j)  # most caught; on ties the smaller change
+                    if best is None or key > best[0]:
+                        best = (key, trial, h)
+        if best is None:
+            break
+        _, at, cur_h = best
+    return {c: grid[at[c]] for c in cats}
+
+
 def fit_probe(positive: torch.Tensor, negative: torch.Tensor, *, l2: float = 1e-2, steps: int = 200) -> tuple[torch.Tensor, float]:
     """A logistic probe separating ``positive`` rows (n, k) from ``negative`` rows, classes weighted equally,
     on standardised inputs with an L2 penalty. Returns weights in the inputs' own units and the bias."""
@@ -901,6 +944,7 @@ def select(
     n_val_benign: int = 32,
     threshold_margin: float | None = None,
     max_val_fpr: float = 0.02,
+    min_margin: float = 0.0,
     strict_margin_scale: float = 0.5,
     max_benign_increase: float = 0.04,
     redirect_strength: float = 1.0,
@@ -917,7 +961,8 @@ def select(
     ``categories``: the categories to enforce (default: every harm category with at least ``min_prompts``
     select-part prompts). ``disabled``: selected but written with ``enabled: false``. ``redirect``: categories
     answered with a SafeSteer-style dense vector instead of refusal features. ``strict``: categories whose
-    detection margin is scaled by ``strict_margin_scale`` (more sensitive). ``threshold_margin``: fix the margin
+    detection margin, once chosen, is scaled by ``strict_margin_scale``: more sensitive, at the price of more
+    false positives than the validation budget allows. ``threshold_margin``: fix the margin
     instead of choosing it on the validation part. ``strength``: skip the sweep and use it.
     Strengths are in units of the typical steer-layer residual norm.
     """
@@ -1000,20 +1045,24 @@ def select(
     vscores = {c: val_scores(fits[c][0]) for c in enforced}
     nvh = len(val_h_texts)
 
-    def thresholds_at(m: float) -> dict[str, float]:
-        return {c: choose_threshold(fits[c][3], fits[c][4], margin=m * (strict_margin_scale if c in strict else 1.0)) for c in cats}
+    def threshold_of(c: str, m: float) -> float:
+        return choose_threshold(fits[c][3], fits[c][4], margin=m)
 
-    def val_rates(th: dict[str, float]) -> tuple[float, float]:
+    def val_rates(th: Mapping[str, float]) -> tuple[float, float]:
         fired = torch.zeros(len(val_h_texts) + len(val_b_texts), dtype=torch.bool)
         for c in enforced:
             fired |= vscores[c] >= th[c]
         return float(fired[:nvh].float().mean()) if nvh else 0.0, float(fired[nvh:].float().mean()) if val_b_texts else 0.0
 
-    margin_grid = [threshold_margin] if threshold_margin is not None else [round(0.1 * i, 1) for i in range(0, 11)]
-    margin_table = [(m, *val_rates(thresholds_at(m))) for m in margin_grid]
-    ok = [row for row in margin_table if row[2] <= max_val_fpr + 1e-9]
-    margin = (max(ok, key=lambda r: (r[1], -r[0])) if ok else min(margin_table, key=lambda r: (r[2], -r[1])))[0]
-    th = thresholds_at(margin)
+    if threshold_margin is not None:
+        margins = {c: threshold_margin for c in cats}
+    else:
+        margins = greedy_margins({c: vscores[c][:nvh] for c in enforced}, {c: vscores[c][nvh:] for c in enforced}, threshold_of,
+                                 [m for m in (round(0.1 * i, 1) for i in range(0, 16)) if m >= min_margin - 1e-9], max_fpr=max_val_fpr)
+        margins.update({c: 1.5 for c in cats if c not in margins})  # disabled categories: the cautious end
+    margins = {c: round(m * strict_margin_scale, 3) if c in strict else m for c, m in margins.items()}  # strict: more sensitive than chosen
+    th = {c: threshold_of(c, margins[c]) for c in cats}
+    val_h_rate, val_b_rate = val_rates(th)
     thresholds: dict[str, float] = {}
     detect_report: dict[str, Any] = {}
     for c in cats:
@@ -1026,6 +1075,7 @@ def select(
             "features": det.features,
             "weights": det.weights,
             "threshold": thresholds[c],
+            "margin": margins[c],
             "select_recall": round(float((pos >= t).float().mean()), 3),
             "out_of_fold_recall": round(float((oof_pos >= t).float().mean()), 3),
             "select_recall_other_harm": round(float((all_scores[other] >= t).float().mean()), 3) if len(other) else None,
@@ -1038,9 +1088,8 @@ def select(
         sc, target, order = table[c]
         rows += _rows("detect", c, detect_layer, sc, target, harmless, order, det.features,
                       {f: {"weight": wt} for f, wt in zip(det.features, det.weights, strict=True)})
-    margin_report = {"chosen": margin, "max_val_benign_fired": max_val_fpr,
-                     "grid": [{"margin": m, "val_harmful_fired": round(h, 3), "val_benign_fired": round(b, 3)} for m, h, b in margin_table],
-                     "validation_prompts": {"harmful": nvh, "benign": len(val_b_texts)}}
+    margin_report = {"per_category": margins, "max_val_benign_fired": max_val_fpr, "min_margin": min_margin, "val_harmful_fired": round(val_h_rate, 3),
+                     "val_benign_fired": round(val_b_rate, 3), "validation_prompts": {"harmful": nvh, "benign": len(val_b_texts)}}
 
     # 3. refusal features at the steer layer: prefilled refusal vs compliance replies
     pair_prompts = [p.text for p in _cap([p for p in data.harmful_select if p.category in by_cat], n_refusal_pairs, seed + 7)]
@@ -1164,8 +1213,8 @@ def select(
         "detection_rule": (f"per category: top {n_detect_candidates} features by composite score (mean over user tokens, category vs "
                            f"harmless select-part prompts), a class-balanced L2 logistic probe on them, the {n_detect_features} strongest kept and "
                            "refitted as the mean of 5 fold probes; threshold on out-of-fold scores = highest harmless score + a margin (share "
-                           "of the gap to the median category score), one margin for all categories, the smallest whose validation harmless "
-                           f"prompts fire any category at most {max_val_fpr:.0%} of the time"),
+                           f"of the gap to the median category score); margins per category from 1.5 down to {min_margin}, greedily, while at most "
+                           f"{max_val_fpr:.0%} of the validation harmless prompts fire any category (detection only, no generation)"),
         "tables": rel(table_dir),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
@@ -1207,6 +1256,7 @@ def select_command(
     positions: Annotated[str, typer.Option(help="Where refusal features are added: prompt, generated or both.")] = "prompt",
     threshold_margin: Annotated[float | None, typer.Option(help="Fix the threshold margin (share of the gap harmless max to category median).")] = None,
     max_val_fpr: Annotated[float, typer.Option(help="Margin choice: most validation harmless prompts allowed to fire (fraction).")] = 0.02,
+    min_margin: Annotated[float, typer.Option(help="Smallest margin the per-category choice may reach.")] = 0.0,
     strict_margin_scale: Annotated[float, typer.Option(help="Margin factor of --strict categories.")] = 0.5,
     max_benign_increase: Annotated[float, typer.Option(help="Sweep: most benign refusal increase allowed (fraction).")] = 0.04,
     redirect_strength: Annotated[float, typer.Option(help="Strength of redirect vectors.")] = 1.0,
@@ -1226,7 +1276,8 @@ def select_command(
                  description=description, detect_layer=detect_layer, steer_layer=steer_layer, n_detect_features=n_detect_features,
                  n_detect_candidates=n_detect_candidates,
                  n_steer_features=n_steer_features, strengths=_floats(strengths), strength=strength, causal_strength=causal_strength, positions=positions,
-                 threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, strict_margin_scale=strict_margin_scale, max_benign_increase=max_benign_increase,
+                 threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, strict_margin_scale=strict_margin_scale,
+                 max_benign_increase=max_benign_increase,
                  redirect_strength=redirect_strength, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign, tables=tables, seed=seed,
                  command=command)
     c = res.chosen
