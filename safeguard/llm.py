@@ -373,7 +373,7 @@ class SteeredLLM:
         return self._one(list(messages), policy=policy, steer=steer, max_new_tokens=max_new_tokens, temperature=temperature,
                          stop=stop, template=True, seed=seed, extra=generation_kwargs)
 
-    def batch(self, prompts: Sequence[PromptLike], *, policies: Sequence[PolicyLike | None | bool] | None = None,
+    def batch(self, prompts: Sequence[PromptLike], *, policies: Sequence[PolicyLike | bool | None] | None = None,
               max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None, temperature: float | None = None,
               stop: Sequence[str] | None = None, template: bool = True, seed: int | None = None, batch_size: int = 8,
               **generation_kwargs: Any) -> list[GenerationResult]:

@@ -68,20 +68,14 @@ class SteeringReport:
             return cls.off(total)
         decisions = tuple(run.decisions[row][c.id] for c in p.categories if c.id in run.decisions[row])
         applied: list[AppliedSteering] = []
-        if p.enforce:
-            seen: set[Any] = set()  # the engine applies an action shared by several fired categories once
-            for c in run.steering_categories(row):
-                for a in c.actions:
-                    s = a.spec
-                    if s in seen:
-                        continue
-                    seen.add(s)
-                    if s.kind == "add":
-                        applied.append(AppliedSteering(c.id, "add", s.layer, s.positions, feature=s.feature, strength=s.strength))
-                    elif s.kind == "clamp":
-                        applied.append(AppliedSteering(c.id, "clamp", s.layer, s.positions, feature=s.feature, value=s.value))
-                    else:
-                        applied.append(AppliedSteering(c.id, "vector", s.layer, s.positions, strength=s.strength, vector=f"{s.file}#{s.key}"))
+        for category, a in run.applied_actions(row):  # exactly what the engine applies
+            s = a.spec
+            if s.kind == "add":
+                applied.append(AppliedSteering(category, "add", s.layer, s.positions, feature=s.feature, strength=s.strength))
+            elif s.kind == "clamp":
+                applied.append(AppliedSteering(category, "clamp", s.layer, s.positions, feature=s.feature, value=s.value))
+            else:
+                applied.append(AppliedSteering(category, "vector", s.layer, s.positions, strength=s.strength, vector=f"{s.file}#{s.key}"))
         return cls(
             policy_name=p.policy.name,
             policy_version=p.policy.version,

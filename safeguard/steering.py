@@ -249,6 +249,20 @@ class RunState:
             fired = [c for c in fired if c.response != "redirect"]
         return fired
 
+    def applied_actions(self, row: int) -> list[tuple[str, _Action]]:
+        """(category id, action) for every action that steers ``row``: those of its steering categories, an
+        action that several of them share listed once (it is applied once, not summed)."""
+        if self.policies[row] is None or not self.policies[row].enforce:
+            return []
+        out: list[tuple[str, _Action]] = []
+        seen: set[Any] = set()
+        for c in self.steering_categories(row):
+            for a in c.actions:
+                if a.spec not in seen:
+                    seen.add(a.spec)
+                    out.append((c.id, a))
+        return out
+
     def _plan(self, layer: int, phase: str, device: torch.device, dtype: torch.dtype) -> Any:
         """Per-row steering at ``layer`` for ``phase`` ('prompt' or 'generated'), built once per run."""
         key = (layer, phase)
@@ -257,20 +271,15 @@ class RunState:
         add_rows: list[int] = []
         add_vecs: list[torch.Tensor] = []
         clamps: list[tuple[list[int], _Action]] = []
-        for row, p in enumerate(self.policies):
-            if p is None or not p.enforce:
-                continue
+        for row in range(self.batch_size):
             vec = None
-            seen: set[Any] = set()  # an action that several fired categories share is applied once
-            for c in self.steering_categories(row):
-                for a in c.actions:
-                    if a.layer != layer or a.positions not in (phase, "both") or a.spec in seen:
-                        continue
-                    seen.add(a.spec)
-                    if a.vector is not None:
-                        vec = a.vector if vec is None else vec + a.vector
-                    else:
-                        clamps.append(([row], a))
+            for _, a in self.applied_actions(row):
+                if a.layer != layer or a.positions not in (phase, "both"):
+                    continue
+                if a.vector is not None:
+                    vec = a.vector if vec is None else vec + a.vector
+                else:
+                    clamps.append(([row], a))
             if vec is not None:
                 add_rows.append(row)
                 add_vecs.append(vec)
