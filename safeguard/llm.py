@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, SAEError
+from .errors import InputError, PolicyError, SAEError
 from .models import LoadedModel, load_model
 from .policy import Policy
 from .report import GenerationResult, SteeringReport
@@ -398,6 +398,18 @@ class SteeredLLM:
             out += self._run(prompts[lo:hi], compiled[lo:hi], max_new_tokens=max_new_tokens, temperature=temperature,
                              stop=stop, template=template, seed=seed, extra=generation_kwargs)
         return out
+
+    def classify(self, texts: Sequence[PromptLike], *, policy: PolicyLike | None = None, batch_size: int = 8) -> list[SteeringReport]:
+        """Which categories fire on each text, without steering: the policy's detectors as a classifier.
+
+        Each text is sent as a user turn (a message list is taken as it is), so the same detectors that gate
+        steering can screen inputs before they reach another model, or a model's replies after the fact. Returns
+        one report per text; ``report.fired`` names the categories and ``report.decisions`` holds every score."""
+        pol = self._resolve(policy, True)
+        if pol is None:
+            raise PolicyError("classify needs a policy: pass policy= or activate one with use_policy()")
+        monitor = pol.policy.model_copy(update={"mode": "monitor"})
+        return [r.report for r in self.batch(list(texts), policy=monitor, max_new_tokens=1, batch_size=batch_size)]
 
     def stream(self, prompt: PromptLike, *, max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None,
                temperature: float | None = None, stop: Sequence[str] | None = None, template: bool = True,

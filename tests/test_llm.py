@@ -218,3 +218,18 @@ def test_batch_rows_marked_false_are_not_steered(llm):
     plain = llm.batch(prompts, steer=False, **KW)
     assert mixed[0].report.mode == "off" and mixed[0].text == plain[0].text
     assert mixed[1].report.fired == ("cyber",)
+
+
+def test_classify_reports_the_detectors_verdicts_without_steering(llm):
+    texts = ["first prompt here", "a second, longer prompt for padding"]
+    pol = policy_dict(threshold=0.0)
+    pol["categories"][0]["detect"].update(reduce="max")
+    reports = llm.classify(texts, policy=Policy.from_dict(pol))
+    steered = llm.batch(texts, policy=Policy.from_dict(pol), **KW)
+    assert [r.mode for r in reports] == ["monitor", "monitor"] and all(r.applied == () for r in reports)
+    assert [d.score for r in reports for d in r.decisions] == pytest.approx([d.score for r in steered for d in r.report.decisions], rel=1e-5)
+    assert [r.fired for r in reports] == [r.report.fired for r in steered]
+    assert not hooks_on(llm.model)
+    bare = SteeredLLM(llm._loaded, llm.saes, policy=None)
+    with pytest.raises(PolicyError, match="needs a policy"):
+        bare.classify(texts)
