@@ -170,7 +170,7 @@ def test_feature_encoder_matches_the_full_sae(arch):
 
 def test_hooks_are_removed_on_every_exit_path(tiny_model, saes):
     p = compile_policy(saes)
-    ids, attn = inputs()
+    _, attn = inputs()
     assert hooks_on(tiny_model) == 0
     run = RunState([p] * B, torch.ones(B, P, dtype=torch.bool), attn)
     with pytest.raises(ZeroDivisionError), steering(tiny_model, run):
@@ -184,7 +184,7 @@ def test_hooks_are_removed_on_every_exit_path(tiny_model, saes):
 
 def test_attach_unwinds_what_it_registered_when_it_fails(tiny_model, saes, monkeypatch):
     p = compile_policy(saes)
-    ids, attn = inputs()
+    _, attn = inputs()
     layers = tiny_model.model.layers
     original = type(layers[2]).register_forward_hook
 
