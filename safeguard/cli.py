@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from . import _options as opt
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Guardrails inside the forward pass: SAE-feature steering of refusals.")
 
 _DEMO_HARMFUL_FALLBACK = (
@@ -145,6 +147,45 @@ def chat(
             history.append({"role": "assistant", "content": result.text})
             fired = ", ".join(f"{d.category}={d.score:.2f}" for d in result.report.decisions if d.fired)
             typer.echo(f"     [{result.report.mode}; fired: {fired or 'nothing'}]")
+
+
+@app.command()
+def classify(
+    text: Annotated[list[str] | None, typer.Argument(help="Texts to screen (each one a user turn).")] = None,
+    file: Annotated[Path | None, typer.Option(help="Screen every prompt of a .jsonl / .csv / .txt file instead.")] = None,
+    policy: Annotated[Path | None, typer.Option(help="Policy file (default: the shipped default policy).")] = None,
+    model: opt.Model = None,
+    sae: opt.Sae = None,
+    quantization: opt.Quantization = None,
+    device: opt.Device = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
+) -> None:
+    """Screen texts with a policy's detectors, without generating: which categories fire, and their scores."""
+    import json
+
+    _threads(threads)
+    from . import SafeguardError, SteeredLLM
+    from .datasets import load_file
+
+    if bool(text) == (file is not None):
+        typer.echo("give texts as arguments or --file, not both or neither", err=True)
+        raise typer.Exit(2)
+    try:
+        texts = list(text) if text else [p.text for p in load_file(file, category="unlabelled")]  # labels, if any, are not needed
+        kwargs = {} if policy is None else {"policy": policy}
+        llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), quantization=quantization, device=device, **kwargs)
+        reports = llm.classify(texts)
+    except SafeguardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for t, rep in zip(texts, reports, strict=True):
+        if as_json:
+            typer.echo(json.dumps({"text": t, "fired": list(rep.fired),
+                                   "scores": {d.category: {"score": round(d.score, 4), "threshold": round(d.threshold, 4)} for d in rep.decisions}}))
+        else:
+            fired = ", ".join(f"{d.category} ({d.score:.2f} >= {d.threshold:.2f})" for d in rep.decisions if d.fired) or "nothing"
+            typer.echo(f"{' '.join(t.split())[:100]}\n  fired: {fired}")
 
 
 @app.command(

@@ -32,6 +32,7 @@ from typing import Annotated, Any
 
 import typer
 
+from . import _options as opt
 from .refusal import PhraseJudge, RefusalJudge
 
 __all__ = [
@@ -656,10 +657,10 @@ def write_report(result: EvalResult, folder: str | Path, *, plots: bool = True) 
 def eval_command(
     policy: Annotated[Path, typer.Argument(help="Policy file to evaluate (YAML or JSON).")],
     out: Annotated[Path | None, typer.Option(help="Report folder (default: docs/eval/<policy name>).")] = None,
-    model: Annotated[str | None, typer.Option(help="HF folder or hub id (default: the embedded model).")] = None,
-    sae: Annotated[list[str] | None, typer.Option(help="SAE folder or 'release[:sae_id]' (repeat; default: the bundled SAEs).")] = None,
-    quantization: Annotated[str | None, typer.Option(help="4bit or 8bit (bitsandbytes).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    model: opt.Model = None,
+    sae: opt.Sae = None,
+    quantization: opt.Quantization = None,
+    device: opt.Device = None,
     n_harmful: Annotated[int, typer.Option(help="Held-out harmful prompts.")] = 240,
     n_benign: Annotated[int, typer.Option(help="Held-out benign prompts.")] = 80,
     n_risky: Annotated[int, typer.Option(help="Held-out risky-looking benign prompts.")] = 40,
@@ -670,7 +671,7 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per reply (greedy).")] = 48,
     batch_size: Annotated[int, typer.Option(help="Rows per generate call.")] = 8,
     seed: Annotated[int, typer.Option(help="Sampling seed of the held-out prompts.")] = 0,
-    threads: Annotated[int, typer.Option(help="Torch CPU threads.")] = 1,
+    threads: opt.Threads = 1,
 ) -> None:
     """Measure a policy on held-out prompts: safety, over-refusal, identical replies, capability, jailbreaks."""
     import torch

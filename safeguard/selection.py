@@ -51,6 +51,8 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from . import _options as opt
+
 __all__ = [
     "FeatureRow",
     "GroupSummary",
@@ -1340,10 +1342,10 @@ def select_command(
     redirect: Annotated[list[str] | None, typer.Option(help="Answer this category with a redirect vector instead of refusal (repeat).")] = None,
     strict: Annotated[list[str] | None, typer.Option(help="Detect this category more sensitively (repeat).")] = None,
     disable: Annotated[list[str] | None, typer.Option(help="Select this category but write it disabled (repeat).")] = None,
-    model: Annotated[str | None, typer.Option(help="HF folder or hub id (default: the embedded model).")] = None,
-    sae: Annotated[list[str] | None, typer.Option(help="SAE folder or 'release[:sae_id]' (repeat; default: the bundled SAEs).")] = None,
-    quantization: Annotated[str | None, typer.Option(help="4bit or 8bit (bitsandbytes).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    model: opt.Model = None,
+    sae: opt.Sae = None,
+    quantization: opt.Quantization = None,
+    device: opt.Device = None,
     detect_layer: Annotated[int, typer.Option(help="Layer whose SAE detects categories.")] = 10,
     steer_layer: Annotated[int, typer.Option(help="Layer whose SAE features steer refusals.")] = 20,
     n_detect_features: Annotated[int, typer.Option(help="Features per category detector (kept from the probe).")] = 12,
@@ -1366,7 +1368,7 @@ def select_command(
     n_val_benign: Annotated[int, typer.Option(help="Validation benign prompts in the sweep.")] = 32,
     tables: Annotated[Path | None, typer.Option(help="Folder for features.csv/json and the sweep plot (default: <out dir>/selection/<name>).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the select/validation split and the samples.")] = 0,
-    threads: Annotated[int, typer.Option(help="Torch CPU threads.")] = 1,
+    threads: opt.Threads = 1,
 ) -> None:
     """Choose SAE features (detect per category, refusal steering), sweep the strength, write a policy."""
     torch.set_num_threads(threads)
