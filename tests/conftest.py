@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import pytest
-import torch
-from _tiny import make_sae, make_tiny_model, policy_dict
-
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from safeguard.models import embedded_model_folder
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_folder())
-    tok.padding_side = "left"
-    return tok
+from _fixtures import tiny_steered_llm, tokenizer  # noqa: F401  (tokenizer is a fixture)
+from _tiny import make_sae, make_tiny_model
 
 
 @pytest.fixture
-def tiny_model(tokenizer):
+def tiny_model(tokenizer):  # noqa: F811
     return make_tiny_model(len(tokenizer))
 
 
@@ -38,9 +20,5 @@ def saes():
 
 
 @pytest.fixture
-def llm(tiny_model, tokenizer, saes):
-    from safeguard import Policy, SteeredLLM
-    from safeguard.models import LoadedModel
-
-    loaded = LoadedModel(model=tiny_model, tokenizer=tokenizer, name="tiny-llama", source="test", quantization=None)
-    return SteeredLLM(loaded, saes, Policy.from_dict(policy_dict()))
+def llm(tiny_model, tokenizer, saes):  # noqa: F811
+    return tiny_steered_llm(tokenizer, tiny_model, saes)
