@@ -19,6 +19,7 @@ A policy file (YAML or JSON) looks like this::
           features: [812, 3301]
           combine: max                    # over features: max | sum | mean (weights allowed with sum)
           reduce: max                     # over the user's tokens: max | mean
+          order: combine_first            # or reduce_first: each feature reduced over tokens, then combined
           threshold: 4.0
         steer:
           - {kind: add, layer: 20, feature: 1290, strength: 6.0, positions: generated}
@@ -78,6 +79,11 @@ class Detect(_Strict):
     """Per-feature weights; with ``combine: sum`` the score is a weighted sum."""
     combine: Literal["max", "sum", "mean"] = "max"
     reduce: Literal["max", "mean"] = "max"
+    order: Literal["combine_first", "reduce_first"] = "combine_first"
+    """``combine_first``: each token gets a score (the features combined), then the scores are reduced over the
+    user's tokens. ``reduce_first``: each feature is reduced over the user's tokens, then the features are
+    combined: the form of a linear probe on pooled activations (``safeguard select`` writes it with
+    ``reduce: max``). With ``reduce: mean`` and ``combine: sum`` or ``mean`` the two orders agree."""
     threshold: float
 
     @field_validator("features")

@@ -9,8 +9,7 @@ The data's way through ``safeguard select``::
         └─ steer-layer residual, mean over the user's tokens (plain prompts) ─► per-category means (redirect vectors)
     prefilled refusal vs compliance replies ──► steer-layer SAE on every reply token ─► RunningStats[refusal | compliance]
     RunningStats ──► composite scores ─► candidate detect features per category
-                 ─► a 2nd pass pools only the candidates ─► a sparse logistic probe per category ─► weights
-                 ─► a 3rd pass scores exactly as the engine does (max over tokens of the weighted sum) ─► thresholds
+                 ─► a 2nd pass pools only the candidates ─► a sparse logistic probe per category ─► weights, thresholds
                                       └► refusal candidates: distinct decoder rows, ranked with the dense refusal direction
                                          ─► causal check: steering each alone on a few train prompts, do refusals move?
     validation part ──► strength sweep through the real steering engine ─► chosen strength, PNG curve
@@ -25,12 +24,13 @@ SAE steering) multiplies
 - consistency: the firing rate on the target times one minus the firing rate on the contrast,
 - stability: ``mean_t / (mean_t + std_t)``, high when the feature fires at a steady strength.
 
-Detection reads ``combine: sum`` with per-feature weights and ``reduce: max`` over the user's tokens (the
-default; ``mean`` is the other choice). The weights are fitted as a logistic probe (category vs harmless) on
-the candidates' pooled activations and pruned to the strongest. With ``mean`` the engine's score is exactly
-the probe's; with ``max`` (the highest per-token weighted sum, which a long jailbreak template cannot dilute)
-it is not linear in pooled features, so thresholds are set on scores computed exactly as the engine computes
-them, for the fold probes (out-of-fold) and for the validation part.
+Detection reads ``order: reduce_first``: each feature is pooled over the user's tokens (``reduce: max`` by
+default, which a long jailbreak template cannot dilute; ``mean`` is the other choice), then the pooled
+features are weighed and summed (``combine: sum``). The weights are fitted as a logistic probe (category vs
+harmless) on exactly those pooled activations and pruned to the strongest, so what the engine computes at run
+time is exactly the probe's score. (A first try scored ``max`` over tokens of the per-token weighted sum, the
+``combine_first`` order, with these weights: that is not the probe the weights were fitted as, and validation
+recall fell from 72% to 22%.)
 """
 
 from __future__ import annotations
@@ -431,8 +431,7 @@ def fit_detector(positive: torch.Tensor, negative: torch.Tensor, *, n_features: 
     """A category detector from pooled candidate features: a probe on all candidates, the ``n_features`` with the
     largest standardised weights kept, then ``folds`` probes fitted on all but one fold each. The detector is the
     fold probes' mean; the out-of-fold scores say how prompts a probe has not seen score, which is what a
-    threshold must be set on. (With ``reduce: max`` the engine's score is not linear in pooled features; the
-    caller rescores the folds exactly with ``detection_scores``.)"""
+    threshold must be set on."""
     w, _ = fit_probe(positive, negative, l2=l2)
     spread = torch.cat([positive, negative]).std(0)
     keep = torch.argsort((w * spread).abs(), descending=True)[:n_features]
@@ -593,12 +592,14 @@ def compliance_replies(llm: Any, prompts: Sequence[str], *, max_new_tokens: int 
 # ----------------------------------------------------------------------------------------------- detection
 @dataclass(frozen=True)
 class Detector:
-    """One category's detection rule: weighted sum of features per token, reduced over the user's tokens."""
+    """One category's detection rule: a weighted sum of features, with ``reduce`` over the user's tokens applied
+    per token score (``combine_first``) or per feature (``reduce_first``), as in a policy's ``detect`` block."""
 
     category: str
     features: list[int]
     weights: list[float]
     reduce: str = "mean"
+    order: str = "combine_first"
 
 
 @torch.inference_mode()
@@ -628,6 +629,8 @@ def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detec
     (distinct)."""
     from tqdm.auto import tqdm
 
+    from .steering import detection_score
+
     if len({d.category for d in detectors}) != len(detectors):
         raise ValueError("detectors must have distinct category names")
     union: list[int] = []
@@ -643,11 +646,7 @@ def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detec
         f = enc(acts[layer].to(llm.device)).float().cpu()  # (B, T, k)
         for d in detectors:
             idx = torch.tensor([union.index(x) for x in d.features])
-            per_tok = (f[..., idx] * torch.tensor(d.weights)).sum(-1)
-            if d.reduce == "max":
-                score = per_tok.masked_fill(~user, float("-inf")).amax(-1)
-            else:
-                score = (per_tok * user).sum(-1) / user.sum(-1).clamp(min=1)
+            score = detection_score(f[..., idx], user, weights=torch.tensor(d.weights), combine="sum", reduce=d.reduce, order=d.order)
             for j, (i, _) in enumerate(batch):
                 out[d.category][i] = score[j]
     return out
@@ -1111,22 +1110,11 @@ def select(
         pos_idx = torch.tensor([index[t] for t in pos_texts[c]])
         fit = fit_detector(pooled[pos_idx][:, cols], pooled[neg_idx][:, cols], n_features=n_detect_features, seed=seed)
         feats = [cands[c][i] for i in fit.keep]
-        det = Detector(c, feats, [round(float(x), 6) for x in fit.weights], detect_reduce)
+        # reduce_first: each feature pooled over the user's tokens, then weighed: exactly the probe's score
+        det = Detector(c, feats, [round(float(x), 6) for x in fit.weights], detect_reduce, "reduce_first")
         all_scores = pooled[:, torch.tensor([union.index(f) for f in feats])] @ torch.tensor(det.weights)
         fits[c] = (det, all_scores, pos_idx, fit)
     detectors = [fits[c][0] for c in cats]
-    if detect_reduce != "mean":
-        # max over tokens of a weighted sum is not linear in max-pooled features: score every prompt exactly, as the
-        # engine will, with the detectors and with each fold's probe (for the out-of-fold scores thresholds sit on)
-        folds = [Detector(f"{c}#{k}", fits[c][0].features, [float(x) for x in wk], detect_reduce)
-                 for c in cats for k, wk in enumerate(fits[c][3].fold_weights)]
-        exact = _cached(cache / f"exact-{_sha(llm.model_name, sae_key, all_texts, [asdict(d) for d in detectors + folds], detect_layer)[:20]}.pt",
-                        lambda: detection_scores(llm, all_texts, detectors + folds, layer=detect_layer, progress=progress, desc="Scoring select part"))
-        for c in cats:
-            det, _, pos_idx, fit = fits[c]
-            oof_pos = torch.stack([exact[f"{c}#{k}"][pos_idx] for k in range(len(fit.fold_weights))]).gather(0, fit.fold_pos[None]).squeeze(0)
-            oof_neg = torch.stack([exact[f"{c}#{k}"][neg_idx] for k in range(len(fit.fold_weights))]).gather(0, fit.fold_neg[None]).squeeze(0)
-            fits[c] = (det, exact[c], pos_idx, DetectorFit(fit.keep, fit.weights, oof_pos, oof_neg, fit.fold_weights, fit.fold_pos, fit.fold_neg))
 
     # thresholds: out-of-fold scores place them; one margin for all categories is picked on the validation part
     # (detection only, no generation) so that at most max_val_fpr of its harmless prompts fire any category
@@ -1238,7 +1226,7 @@ def select(
                 "taxonomy_code": _taxonomy_code(d.category),
                 "response": "redirect" if d.category in redirect else "refuse",
                 "detect": {"layer": detect_layer, "features": d.features, "weights": d.weights, "combine": "sum", "reduce": d.reduce,
-                           "threshold": thresholds[d.category]},
+                           "order": d.order, "threshold": thresholds[d.category]},
                 "steer": ([{"kind": "vector", "layer": steer_layer, "file": vec_file.name, "key": d.category, "strength": redirect_strength,
                             "positions": "both"}] if d.category in redirect else add),
                 "enabled": d.category not in disabled,
@@ -1306,8 +1294,8 @@ def select(
         "threshold_margin": margin_report,
         "detection_rule": (f"per category: top {n_detect_candidates} features by composite score ({detect_reduce} over user tokens, category vs "
                            f"harmless select-part prompts, jailbreak-wrapped ones included), a class-balanced L2 logistic probe on them, the "
-                           f"{n_detect_features} strongest kept and refitted as the mean of 5 fold probes; the engine's score is the {detect_reduce} over "
-                           "user tokens of the weighted sum; threshold on exact out-of-fold scores = highest harmless score + a margin (share "
+                           f"{n_detect_features} strongest kept and refitted as the mean of 5 fold probes (order: reduce_first, so the engine's score "
+                           "is the probe's); threshold on out-of-fold scores = highest harmless score + a margin (share "
                            f"of the gap to the median category score); margins per category from 1.5 down to {min_margin}, greedily, while at most "
                            f"{max_val_fpr:.0%} of the validation harmless prompts fire any category (detection only, no generation)"),
         "jailbreak_augmentation": ({"templates": templates_used, "harmful": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in cats),

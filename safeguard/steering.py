@@ -81,6 +81,32 @@ class _Category:
     index: torch.Tensor
     weights: torch.Tensor | None
     actions: list[_Action]
+    order: str = "combine_first"
+
+    def score(self, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return detection_score(acts, mask, weights=self.weights, combine=self.combine, reduce=self.reduce, order=self.order)
+
+
+def detection_score(acts: torch.Tensor, mask: torch.Tensor, *, weights: torch.Tensor | None = None, combine: str = "max", reduce: str = "max",
+                    order: str = "combine_first") -> torch.Tensor:
+    """A category's scores (n,) from its features' activations ``acts`` (n, P, k) and the user-token ``mask``
+    (n, P), as a policy's ``detect`` block defines them. A row without user tokens scores -inf (never fires)."""
+
+    def combined(a: torch.Tensor) -> torch.Tensor:
+        if combine == "max":
+            return a.amax(-1)
+        if combine == "mean":
+            return a.mean(-1)
+        return (a * weights).sum(-1) if weights is not None else a.sum(-1)
+
+    if order == "reduce_first":
+        m = mask[..., None]
+        pooled = acts.masked_fill(~m, float("-inf")).amax(1) if reduce == "max" else (acts * m).sum(1) / m.sum(1).clamp(min=1)
+        scores = combined(pooled.masked_fill(~m.any(1), 0.0))
+    else:
+        per_tok = combined(acts)
+        scores = per_tok.masked_fill(~mask, float("-inf")).amax(-1) if reduce == "max" else (per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return scores.masked_fill(~mask.any(-1), float("-inf"))
 
 
 class CompiledPolicy:
@@ -104,7 +130,7 @@ class CompiledPolicy:
             weights = torch.tensor(c.detect.weights, device=device) if c.detect.weights is not None else None
             actions = [self._compile_action(a, saes, device, dtype) for a in c.steer]
             self.categories.append(_Category(c.id, c.label, c.response, c.detect.layer, c.detect.threshold,
-                                             c.detect.combine, c.detect.reduce, index, weights, actions))
+                                             c.detect.combine, c.detect.reduce, index, weights, actions, c.detect.order))
         self.detect_layers = sorted(by_layer)
         self.steer_layers = sorted({a.layer for c in self.categories for a in c.actions})
 
@@ -222,17 +248,7 @@ class RunState:
             for c in p.categories:
                 if c.layer != layer:
                     continue
-                a = acts[..., c.index]
-                if c.combine == "max":
-                    per_tok = a.amax(-1)
-                elif c.combine == "mean":
-                    per_tok = a.mean(-1)
-                else:
-                    per_tok = (a * c.weights).sum(-1) if c.weights is not None else a.sum(-1)
-                if c.reduce == "max":
-                    scores = per_tok.masked_fill(~mask, float("-inf")).amax(-1)
-                else:
-                    scores = (per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+                scores = c.score(acts[..., c.index], mask)
                 for row, s in zip(rows, scores.tolist(), strict=True):
                     self.decisions[row][c.id] = Decision(c.id, c.label, c.response, s, c.threshold, s >= c.threshold, layer)
         self.detect_seconds += time.perf_counter() - t0

@@ -170,6 +170,20 @@ def test_detection_scores_are_the_engines_scores(llm):
     torch.testing.assert_close(mine, engine, rtol=1e-4, atol=1e-5)
 
 
+def test_max_pooled_features_times_weights_are_the_engines_reduce_first_scores(llm):
+    prompts = ["a first prompt", "the second prompt is longer than the first one", "third"]
+    det = Detector("cyber", [3, 5, 9], [0.5, -2.0, 1.0], "max", "reduce_first")
+    mine = pooled_features(llm, prompts, det.features, layer=1, reduce="max", batch_size=2) @ torch.tensor(det.weights)
+    torch.testing.assert_close(mine, detection_scores(llm, prompts, [det], layer=1)["cyber"], rtol=1e-4, atol=1e-5)
+    pol = policy_dict(features=det.features)
+    pol["categories"][0]["detect"].update(weights=det.weights, combine="sum", reduce="max", order="reduce_first")
+    engine = torch.tensor([r.report.decisions[0].score for r in llm.batch(prompts, policy=Policy.from_dict(pol), max_new_tokens=1)])
+    torch.testing.assert_close(mine, engine, rtol=1e-4, atol=1e-5)
+    pol["categories"][0]["detect"]["order"] = "combine_first"  # the other order is another score
+    other = torch.tensor([r.report.decisions[0].score for r in llm.batch(prompts, policy=Policy.from_dict(pol), max_new_tokens=1)])
+    assert not torch.allclose(other, engine)
+
+
 def test_mean_pooled_features_times_weights_are_the_engines_mean_scores(llm):
     prompts = ["a first prompt", "the second prompt is longer than the first one", "third"]
     det = Detector("cyber", [3, 5, 9], [0.5, -2.0, 1.0], "mean")
@@ -224,8 +238,8 @@ def test_select_writes_a_policy_with_provenance_tables_and_vectors(llm, tmp_path
     assert set(prov["detection"]) == {"security_risks", "misinformation"} and prov["sweep"]["chosen_strength"] == res.chosen.strength
     aug = prov["jailbreak_augmentation"]
     assert aug["harmful"] == 6 and aug["harmless"] == 3 and set(aug["templates"]) == {t.name for t in split_templates(templates)[0]}
-    # thresholds and reported rates come from the engine's own max-over-tokens scores
-    assert sec.detect.reduce == "max"
+    # thresholds and reported rates come from the engine's own scores: each feature's max over the user's tokens, weighed
+    assert sec.detect.reduce == "max" and sec.detect.order == "reduce_first"
     assert sum(prov["detection"][c]["n_select"] for c in ("security_risks", "misinformation")) == 12 + 6  # plain + wrapped positives
     val = [p.text for p in data.harmless_val]
     for cat in (sec, mis):
