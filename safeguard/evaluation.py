@@ -45,6 +45,7 @@ __all__ = [
     "eval_command",
     "eval_sets",
     "evaluate",
+    "steered_replies",
     "unsteered_replies",
     "write_report",
 ]
@@ -353,12 +354,32 @@ def unsteered_replies(llm: Any, prompts: list[str], *, max_new_tokens: int = 48,
     return replies
 
 
-def _steered(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens: int, batch_size: int, progress: bool, desc: str) -> list[Any]:
+def steered_replies(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens: int = 48, batch_size: int = 8, cache_dir: str | Path | None = None,
+                    progress: bool = True, desc: str = "steered") -> list[tuple[str, tuple[str, ...]]]:
+    """(reply, fired categories) under ``policy`` for each prompt, generated in chunks of ``batch_size`` and cached
+    under a key of the model, the policy's content hash, the prompts and settings (an interrupted or widened
+    evaluation reuses what it already generated)."""
+    import torch
     from tqdm.auto import tqdm
 
-    out: list[Any] = []
+    from .models import cache_root
+
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "eval"
+    key = _sha(llm.model_name, policy.content_hash, prompts, max_new_tokens, batch_size, torch.__version__)[:20]
+    cache = folder / f"steered-{key}.json"
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if isinstance(data.get("replies"), list) and len(data["replies"]) == len(prompts):
+            return [(r, tuple(f)) for r, f in zip(data["replies"], data["fired"], strict=True)]
+    out: list[tuple[str, tuple[str, ...]]] = []
     for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        out += llm.batch(prompts[lo:lo + batch_size], policy=policy, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out += [(r.text, tuple(r.report.fired)) for r in llm.batch(prompts[lo:lo + batch_size], policy=policy, max_new_tokens=max_new_tokens,
+                                                                   batch_size=batch_size)]
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"model": llm.model_name, "policy": policy.content_hash, "prompts": prompts, "replies": [t for t, _ in out],
+                               "fired": [list(f) for _, f in out]}))
+    tmp.replace(cache)
     return out
 
 
@@ -389,8 +410,9 @@ def evaluate(
 ) -> EvalResult:
     """Generate unsteered and steered replies for every set and judge them.
 
-    ``policy`` is a ``Policy`` or a path. Unsteered replies are cached in ``cache_dir`` (default: the safeguard
-    cache) under a key of the model, prompts and settings, so evaluating several policies generates them once.
+    ``policy`` is a ``Policy`` or a path. Unsteered and steered replies are cached per set in ``cache_dir`` (default:
+    the safeguard cache) under a key of the model, the policy, the prompts and settings, so evaluating several
+    policies generates the unsteered replies once, and a run that was stopped resumes.
     ``flag_replies``: run the policy's detectors over the replies to harmful prompts (``SteeredLLM.classify``,
     the reply as the text): a proxy for whether a reply still carries the harmful content, which is how
     redirected replies (neither refusals nor the original answer) are judged.
@@ -407,9 +429,9 @@ def evaluate(
             continue
         plain = unsteered_replies(llm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, cache_dir=cache_dir,
                                   progress=progress, desc=f"unsteered: {name}")
-        steered = _steered(llm, prompts, pol, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                           desc=f"policy {pol.name}: {name}")
-        texts = [r.text for r in steered]
+        steered = steered_replies(llm, prompts, pol, max_new_tokens=max_new_tokens, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+                                  desc=f"policy {pol.name}: {name}")
+        texts = [t for t, _ in steered]
         ref_u = judge.judge(prompts, plain)
         ref_s = judge.judge(prompts, texts)
         flags_u: list[tuple[str, ...] | None] = [None] * len(prompts)
@@ -425,7 +447,7 @@ def evaluate(
                 correct_u, correct_s = answer_correct(plain[i], patterns), answer_correct(texts[i], patterns)
             shown = f"[{sets.jailbreak[i].template}] {sets.jailbreak[i].prompt}" if name == "jailbreak" else prompt  # templates are long
             replies.append(Reply(name, cats[i], shown, plain[i], texts[i], bool(ref_u[i]), bool(ref_s[i]),
-                                 tuple(steered[i].report.fired), correct_u, correct_s, flags_u[i], flags_s[i]))
+                                 steered[i][1], correct_u, correct_s, flags_u[i], flags_s[i]))
     enforced = [c.id for c in pol.active_categories]
     info = {
         "name": pol.name,

@@ -107,6 +107,9 @@ def test_evaluate_on_a_tiny_model(llm, tmp_path):
     assert s["harmful_flagged"]["flagged_steered"] == 0.0 and all(r.flagged_steered is None for r in never.of("benign"))
     assert [r.unsteered for r in always.replies] == [r.unsteered for r in never.replies]  # unsteered replies come from the cache
     assert any(not r.identical for r in always.replies)
+    assert len(list(tmp_path.glob("steered-*.json"))) == 2 * 6  # per policy and non-empty set: a stopped evaluation resumes
+    again = evaluate(llm, Policy.from_dict(policy_dict(threshold=-1.0)), sets, max_new_tokens=4, cache_dir=tmp_path, progress=False)
+    assert [r.steered for r in again.replies] == [r.steered for r in always.replies] and again.summary() == always.summary()
 
 
 @pytest.mark.slow
