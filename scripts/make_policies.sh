@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Makes and measures the embedded model's shipped policies (policies/default.yaml, eu.yaml, us.yaml) with the
 # bundled SAEs: `safeguard select` on the train split, then `safeguard eval` on the held-out split.
-# One CPU thread each; about 13 min for the first selection, 6 for the others (statistics are cached), and 20 min per evaluation. Statistics and unsteered replies are cached in
-# ~/.cache/safeguard, so the second and third selections and evaluations reuse the first's.
+# One CPU thread each: about 13 min for the first selection and 6 for each other one (prompt statistics are
+# cached in ~/.cache/safeguard), about 20 min per evaluation (unsteered replies are cached and shared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SG=${SG:-.venv/bin/safeguard}
