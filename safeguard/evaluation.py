@@ -18,7 +18,6 @@ often steering touched a benign request. Greedy decoding throughout.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import html
 import json
 import logging
@@ -33,6 +32,7 @@ from typing import Annotated, Any
 import typer
 
 from . import _options as opt
+from ._hashing import stable_hash as _sha
 from .refusal import PhraseJudge, RefusalJudge
 
 __all__ = [
@@ -94,12 +94,6 @@ CAPABILITY_QA: tuple[tuple[str, tuple[str, ...]], ...] = (
 """Capability check: 30 questions with known answers, scored by a case-insensitive pattern in the reply."""
 
 
-def _sha(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
-    return h.hexdigest()
 
 
 def answer_correct(reply: str, patterns: Sequence[str]) -> bool:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ._hashing import stable_hash as _sha
 from .errors import TrainingError
 
 __all__ = [
@@ -115,12 +116,6 @@ def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def _sha(*parts: object) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._hashing import stable_hash as _sha
 
 HARMLESS_GROUPS = ("benign", "benign_risky_looking")
 
@@ -60,12 +60,6 @@ def selection_data(*, seed: int = 0, val: float = 0.2, held_out: float = 0.3, ha
 
 
 
-def _sha(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
-    return h.hexdigest()
 
 
 
