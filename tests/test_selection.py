@@ -287,3 +287,17 @@ def test_refusal_outranks_redirection_when_both_fire(llm, tmp_path):
     assert a.text == llm.generate("hello there", policy=only_refuse, max_new_tokens=6).text
     r = llm.generate("hello there", policy=only_redirect, max_new_tokens=6)
     assert [s.kind for s in r.report.applied] == ["vector"] and r.text != a.text
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"detect_reduce": "median"}, "detect_reduce"),
+    ({"n_wrapped_harmful": -1}, "n_wrapped"),
+    ({"detect_layer": 5}, "SAEs at the detect layer"),
+    ({"categories": ["no_such_category"]}, "no select-part prompts"),
+])
+def test_select_refuses_bad_settings_before_writing_anything(llm, tmp_path, kwargs, match):
+    out = tmp_path / "p.yaml"
+    settings = {"detect_layer": 1, "steer_layer": 2, "data": _tiny_data(), "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        select(llm, name="bad", out=out, **settings)
+    assert not any(tmp_path.iterdir())

@@ -130,6 +130,8 @@ def select(
 
     if detect_reduce not in ("max", "mean"):
         raise ValueError(f"detect_reduce must be 'max' or 'mean', not {detect_reduce!r}")
+    if n_wrapped_harmful < 0 or n_wrapped_harmless < 0:
+        raise ValueError(f"n_wrapped_harmful and n_wrapped_harmless count prompts (>= 0), got {n_wrapped_harmful} and {n_wrapped_harmless}")
     if detect_layer not in llm.saes or steer_layer not in llm.saes:
         raise ValueError(f"select needs SAEs at the detect layer {detect_layer} and the steer layer {steer_layer}; loaded: {sorted(llm.saes)}")
     out = Path(out)
