@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes and measures the embedded model's shipped policies (policies/default.yaml, eu.yaml, us.yaml) with the
 # bundled SAEs: `safeguard select` on the train split, then `safeguard eval` on the held-out split.
-# One CPU thread each: about 13 min for the first selection and 6 for each other one (prompt statistics are
+# One CPU thread each: about 13 min for the first selection and 4 for each other one (prompt statistics are
 # cached in ~/.cache/safeguard), about 20 min per evaluation (unsteered replies are cached and shared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
