@@ -1,0 +1,139 @@
+"""``SafeguardGuard``: a safeguard policy's detectors screening the requests of *another* chat model.
+
+    input ─► SteeredLLM.classify (the user's turns only, no generation)
+        ├─ a ``refuse`` category fired ─► AIMessage(refusal), the guarded model is never called
+        └─ nothing (or only ``redirect`` categories) fired ─► guarded.invoke / stream / batch
+
+The small local model reads the request once at prefill; the guarded model (hosted or local) answers what
+passes. Every reply carries the verdict in ``response_metadata["safeguard"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
+from langchain_core.prompt_values import PromptValue
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import get_config_list
+
+from safeguard import InputError, Policy, SteeredLLM, SteeringReport
+
+from ._convert import REPORT_KEY, report_dict, to_chat_messages
+from ._loading import shared_llm
+
+__all__ = ["DEFAULT_REFUSAL", "SafeguardGuard"]
+
+DEFAULT_REFUSAL = "I can't help with that request."
+
+
+def _messages(value: LanguageModelInput) -> list[BaseMessage]:
+    if isinstance(value, str):
+        return [HumanMessage(value)]
+    if isinstance(value, PromptValue):
+        return value.to_messages()
+    if isinstance(value, Sequence):
+        return convert_to_messages(value)
+    raise InputError(f"SafeguardGuard takes a string, a PromptValue or a list of messages, not {type(value).__name__}")
+
+
+class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
+    """Screen requests with a safeguard policy before ``guarded`` (any LangChain chat model) sees them.
+
+    .. code-block:: python
+
+        from langchain_safeguard import SafeguardGuard
+
+        guarded = SafeguardGuard(ChatOpenAI(model="..."), policy="policies/eu.yaml")
+        guarded.invoke("How do I pick my neighbour's lock?")      # AIMessage("I can't help ...")
+        guarded.invoke("How do I bake bread?")                   # the guarded model's answer
+        msg.response_metadata["safeguard"]["fired"]               # the verdict, on both kinds of reply
+
+    A request is refused when a category with ``response: refuse`` fires (``redirect`` categories need the
+    steered model itself, so here they are reported, not acted on). ``llm`` shares a loaded ``SteeredLLM``;
+    otherwise ``model`` / ``sae`` / ``quantization`` / ``device`` name the one to load (the embedded model by
+    default), shared with every ``ChatSafeguard`` that asks for the same.
+    """
+
+    def __init__(self, guarded: Runnable[Any, Any], *, policy: Policy | str | Path | None = None, refusal: str = DEFAULT_REFUSAL,
+                 llm: SteeredLLM | None = None, model: str | None = None, sae: str | list[str] | None = None,
+                 quantization: str | None = None, device: str | None = None, batch_size: int = 8):
+        if llm is not None and any(x is not None for x in (model, sae, quantization, device)):
+            raise ValueError("pass either llm= (a ready SteeredLLM) or model/sae/quantization/device to load one, not both")
+        self.guarded = guarded
+        self.policy = policy
+        self.refusal = refusal
+        self.batch_size = batch_size
+        self._llm = llm
+        self._load = (model, sae, quantization, device)
+
+    @property
+    def steered_llm(self) -> SteeredLLM:
+        if self._llm is None:
+            self._llm = shared_llm(*self._load)
+        return self._llm
+
+    # ------------------------------------------------------------------------------------ screening
+    def screen(self, inputs: Sequence[LanguageModelInput]) -> list[SteeringReport]:
+        """The policy's verdict on each input (its user turns), in one padded pass."""
+        rows = [to_chat_messages(_messages(x)) for x in inputs]
+        return self.steered_llm.classify(rows, policy=self.policy, batch_size=self.batch_size)
+
+    @staticmethod
+    def blocks(report: SteeringReport) -> bool:
+        """Whether the verdict refuses the request: some ``refuse`` category fired."""
+        return any(d.fired and d.response == "refuse" for d in report.decisions)
+
+    def _refusal(self, report: SteeringReport) -> AIMessage:
+        return AIMessage(self.refusal, response_metadata={REPORT_KEY: report_dict(report), "finish_reason": "safeguard"})
+
+    @staticmethod
+    def _tag(reply: Any, report: SteeringReport) -> Any:
+        if isinstance(reply, BaseMessage):
+            reply.response_metadata = {**reply.response_metadata, REPORT_KEY: report_dict(report)}
+        return reply
+
+    # ------------------------------------------------------------------------------------ Runnable
+    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
+        [report] = self.screen([input])
+        if self.blocks(report):
+            return self._refusal(report)
+        return self._tag(self.guarded.invoke(input, config, **kwargs), report)
+
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        [report] = self.screen([input])
+        if self.blocks(report):
+            yield self._refusal(report)
+            return
+        yield from self.guarded.stream(input, config, **kwargs)
+
+    def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+              return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        """Screen every input in one pass; only the inputs that pass go to ``guarded.batch``."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        out: list[Any] = [None] * len(inputs)
+        reports: list[SteeringReport | None] = [None] * len(inputs)
+        screenable = []
+        for i, x in enumerate(inputs):
+            try:
+                to_chat_messages(_messages(x))
+                screenable.append(i)
+            except Exception as exc:
+                if not return_exceptions:
+                    raise
+                out[i] = exc
+        for i, rep in zip(screenable, self.screen([inputs[i] for i in screenable]), strict=True):
+            reports[i] = rep
+        passed = [i for i in screenable if not self.blocks(reports[i])]
+        for i in set(screenable) - set(passed):
+            out[i] = self._refusal(reports[i])
+        if passed:
+            replies = self.guarded.batch([inputs[i] for i in passed], [configs[i] for i in passed], return_exceptions=return_exceptions, **kwargs)
+            for i, reply in zip(passed, replies, strict=True):
+                out[i] = reply if isinstance(reply, Exception) else self._tag(reply, reports[i])
+        return out
