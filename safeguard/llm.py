@@ -400,16 +400,53 @@ class SteeredLLM:
         return out
 
     def classify(self, texts: Sequence[PromptLike], *, policy: PolicyLike | None = None, batch_size: int = 8) -> list[SteeringReport]:
-        """Which categories fire on each text, without steering: the policy's detectors as a classifier.
+        """Which categories fire on each text, without steering or generating: the policy's detectors as a classifier.
 
         Each text is sent as a user turn (a message list is taken as it is), so the same detectors that gate
-        steering can screen inputs before they reach another model, or a model's replies after the fact. Returns
-        one report per text; ``report.fired`` names the categories and ``report.decisions`` holds every score."""
+        steering can screen inputs before they reach another model, or a model's replies after the fact. Only the
+        prompt's forward pass up to the deepest detect layer runs. Returns one report per text (mode
+        ``monitor``); ``report.fired`` names the categories and ``report.decisions`` holds every score, equal to
+        what generation with the same policy decides."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise InputError("classify takes a list of texts")
         pol = self._resolve(policy, True)
         if pol is None:
             raise PolicyError("classify needs a policy: pass policy= or activate one with use_policy()")
-        monitor = pol.policy.model_copy(update={"mode": "monitor"})
-        return [r.report for r in self.batch(list(texts), policy=monitor, max_new_tokens=1, batch_size=batch_size)]
+        monitor = self.compile_policy(pol.policy.model_copy(update={"mode": "monitor"}))
+        for t in texts:  # validate every row before running any
+            self._encode_one(t, True)
+        out: list[SteeringReport] = []
+        for lo in range(0, len(texts), max(1, batch_size)):
+            out += self._classify_chunk(list(texts[lo:lo + max(1, batch_size)]), monitor)
+        return out
+
+    def _classify_chunk(self, texts: list[Any], policy: CompiledPolicy) -> list[SteeringReport]:
+        t0 = time.perf_counter()
+        ids, attn, user = self._encode(texts, True, 0)
+        run = RunState([policy] * len(texts), user, attn)
+        layers = decoder_layers(self.model)
+        dev = self.device
+
+        class _Done(Exception):
+            pass
+
+        def stop(module: Any, args: Any, output: Any) -> None:
+            raise _Done
+
+        with self._lock, torch.inference_mode(), steering(self.model, run):
+            handle = layers[max(policy.detect_layers)].register_forward_hook(stop)  # after the engine's hook: decisions are made
+            try:
+                pos = (attn.cumsum(-1) - 1).clamp(min=0)  # the positions generate gives left-padded rows
+                self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=False)
+            except _Done:
+                pass
+            finally:
+                handle.remove()
+        total = time.perf_counter() - t0
+        reports = [SteeringReport.from_run(run, row, total) for row in range(len(texts))]
+        for text, report in zip(texts, reports, strict=True):
+            self._log(text, report)
+        return reports
 
     def stream(self, prompt: PromptLike, *, max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None,
                temperature: float | None = None, stop: Sequence[str] | None = None, template: bool = True,
