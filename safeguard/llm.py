@@ -433,6 +433,8 @@ class SteeredLLM:
         def stop(module: Any, args: Any, output: Any) -> None:
             raise _Done
 
+        if not policy.detect_layers:  # every category disabled: nothing to detect
+            return [SteeringReport.from_run(run, row, time.perf_counter() - t0) for row in range(len(texts))]
         with self._lock, torch.inference_mode(), steering(self.model, run):
             handle = layers[max(policy.detect_layers)].register_forward_hook(stop)  # after the engine's hook: decisions are made
             try:

@@ -233,3 +233,12 @@ def test_classify_reports_the_detectors_verdicts_without_steering(llm):
     bare = SteeredLLM(llm._loaded, llm.saes, policy=None)
     with pytest.raises(PolicyError, match="needs a policy"):
         bare.classify(texts)
+
+
+def test_classify_with_every_category_disabled_decides_nothing(llm):
+    pol = policy_dict(threshold=-1.0)
+    pol["categories"][0]["enabled"] = False
+    [report] = llm.classify(["hello"], policy=Policy.from_dict(pol))
+    assert report.fired == () and report.decisions == () and not hooks_on(llm.model)
+    with pytest.raises(InputError, match="list of texts"):
+        llm.classify("hello")
