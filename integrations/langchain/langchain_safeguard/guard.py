@@ -52,7 +52,8 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
         guarded.invoke("How do I bake bread?")                   # the guarded model's answer
         msg.response_metadata["safeguard"]["fired"]               # the verdict, on both kinds of reply
 
-    A request is refused when a category with ``response: refuse`` fires (``redirect`` categories need the
+    ``config={"configurable": {"policy": ...}}`` picks a policy per request (a batch screens each distinct
+    policy's rows in one pass). A request is refused when a category with ``response: refuse`` fires (``redirect`` categories need the
     steered model itself, so here they are reported, not acted on). ``llm`` shares a loaded ``SteeredLLM``;
     otherwise ``model`` / ``sae`` / ``quantization`` / ``device`` name the one to load (the embedded model by
     default), shared with every ``ChatSafeguard`` that asks for the same.
@@ -77,10 +78,25 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
         return self._llm
 
     # ------------------------------------------------------------------------------------ screening
-    def screen(self, inputs: Sequence[LanguageModelInput]) -> list[SteeringReport]:
-        """The policy's verdict on each input (its user turns), in one padded pass."""
+    def screen(self, inputs: Sequence[LanguageModelInput], policies: Sequence[Any] | None = None) -> list[SteeringReport]:
+        """The verdict on each input (its user turns): one padded pass per distinct policy. ``policies`` gives
+        each input its own (``None``: the guard's ``policy``)."""
         rows = [to_chat_messages(_messages(x)) for x in inputs]
-        return self.steered_llm.classify(rows, policy=self.policy, batch_size=self.batch_size)
+        chosen = [self.policy if policies is None or policies[i] is None else policies[i] for i in range(len(rows))]
+        out: list[SteeringReport | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(chosen):
+            groups.setdefault(id(p), []).append(i)
+        for idx in groups.values():
+            reports = self.steered_llm.classify([rows[i] for i in idx], policy=chosen[idx[0]], batch_size=self.batch_size)
+            for i, rep in zip(idx, reports, strict=True):
+                out[i] = rep
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _policy_of(config: RunnableConfig | None) -> Any:
+        """A per-request policy from ``config["configurable"]["policy"]``, as ChatSafeguard reads it."""
+        return ((config or {}).get("configurable") or {}).get("policy")
 
     @staticmethod
     def blocks(report: SteeringReport) -> bool:
@@ -98,13 +114,13 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
 
     # ------------------------------------------------------------------------------------ Runnable
     def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
-        [report] = self.screen([input])
+        [report] = self.screen([input], [self._policy_of(config)])
         if self.blocks(report):
             return self._refusal(report)
         return self._tag(self.guarded.invoke(input, config, **kwargs), report)
 
     def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        [report] = self.screen([input])
+        [report] = self.screen([input], [self._policy_of(config)])
         if self.blocks(report):
             yield self._refusal(report)
             return
@@ -127,7 +143,8 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
                 if not return_exceptions:
                     raise
                 out[i] = exc
-        for i, rep in zip(screenable, self.screen([inputs[i] for i in screenable]), strict=True):
+        screened = self.screen([inputs[i] for i in screenable], [self._policy_of(configs[i]) for i in screenable])
+        for i, rep in zip(screenable, screened, strict=True):
             reports[i] = rep
         passed = [i for i in screenable if not self.blocks(reports[i])]
         for i in set(screenable) - set(passed):

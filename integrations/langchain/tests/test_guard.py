@@ -108,3 +108,11 @@ async def test_async_calls_screen_too(tiny_llm):
     blocked = await SafeguardGuard(fake.runnable(), llm=tiny_llm, policy=FIRE).ainvoke("hello")
     passed = await SafeguardGuard(fake.runnable(), llm=tiny_llm, policy=NEVER).abatch(["a", "b"])
     assert blocked.content == DEFAULT_REFUSAL and [m.content for m in passed] == ["the guarded model's answer"] * 2 and len(fake.seen) == 2
+
+
+def test_a_policy_per_request_from_the_config(tiny_llm):
+    fake = Counted()
+    guard = SafeguardGuard(fake.runnable(), llm=tiny_llm, policy=NEVER)
+    assert guard.invoke("hi", config={"configurable": {"policy": FIRE}}).content == DEFAULT_REFUSAL
+    out = guard.batch(["a", "b", "c"], config=[{"configurable": {"policy": FIRE}}, {}, {"configurable": {"policy": FIRE}}])
+    assert [m.content for m in out] == [DEFAULT_REFUSAL, "the guarded model's answer", DEFAULT_REFUSAL] and len(fake.seen) == 1
