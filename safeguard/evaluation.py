@@ -316,6 +316,14 @@ class EvalResult:
                 "blind": pooled(("benign_blind", "risky_blind")), "all_benign": ben, "capability": self.rates("capability"),
                 "jailbreak": self.rates("jailbreak"), "jailbreak_benign": self.rates("jailbreak_benign"), "bar": bar}
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EvalResult:
+        """The result ``to_json`` wrote (``results.json``): re-render a report without generating again."""
+        tuples = ("fired", "flagged_unsteered", "flagged_steered")
+        replies = [Reply(**{k: tuple(v) if k in tuples and v is not None else v for k, v in r.items()}) for r in data["replies"]]
+        return cls(dict(data["policy"]), data["model"], replies, dict(data["sets"]), dict(data["settings"]), command=data.get("command", ""),
+                   date=data.get("date", ""))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
@@ -577,6 +585,9 @@ def _plots(result: EvalResult, folder: Path) -> list[str]:
     if s["blind"]["n"]:
         names[3:3] = ["benign_blind", "risky_blind"]
         labels[3:3] = ["eval-only\nbenign", "eval-only\nrisky-looking"]
+    if s["jailbreak_benign"]["n"]:
+        names.append("jailbreak_benign")
+        labels.append("jailbreak-\nwrapped benign")
     u = [s[n]["refusal_unsteered"] * 100 for n in names]
     st = [s[n]["refusal_steered"] * 100 for n in names]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 1, 3.0), dpi=80)

@@ -174,3 +174,11 @@ def test_the_default_policy_still_detects_requests_inside_unseen_jailbreak_templ
     wrapped = sum(bool(r.fired) for r in llm.classify([c.text for c in sets.jailbreak]))
     plain = sum(bool(r.fired) for r in llm.classify([c.prompt for c in sets.jailbreak]))
     assert wrapped >= 8 and wrapped >= plain, (wrapped, plain)  # measured: 10 wrapped, 8 plain
+
+
+def test_a_report_is_rendered_again_from_its_results_json(tmp_path):
+    first = write_report(_result(), tmp_path / "a")
+    again = EvalResult.from_json(json.loads(first["json"].read_text()))
+    assert again.replies == _result().replies and again.summary() == _result().summary()
+    second = write_report(again, tmp_path / "b")
+    assert second["markdown"].read_text() == first["markdown"].read_text()
