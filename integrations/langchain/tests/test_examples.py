@@ -19,7 +19,7 @@ from _embedded import bundled_ready, same_model, shipped_policy, stand_in_llm, s
 from safeguard import Policy, SteeredLLM
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
-NEEDS = {"chatbot": ["default"], "region_swap": ["eu", "us"], "langchain_chain": ["default", "eu", "us"]}
+NEEDS = {"chatbot": ["default"], "region_swap": ["eu", "us"], "langchain_chain": ["default", "eu", "us"], "guard_any_model": ["default"]}
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,8 @@ def test_example_runs_fast_with_the_shipped_assets(name, capsys):
     run_example(name)
     out = capsys.readouterr().out
     assert "fired" in out
+    if name == "guard_any_model":  # the phishing request is screened out, the bread question reaches the guarded model
+        assert "answered by the guard: I can't help" in out and "fired: nothing; answered by the guarded model" in out
 
 
 @pytest.fixture
@@ -69,11 +71,13 @@ def stand_ins(monkeypatch, tmp_path):
 def test_example_runs_fast_on_stand_ins(name, stand_ins, capsys):
     if missing_assets(name) is None:
         pytest.skip("the shipped assets are there; the run with them covers this example")
-    args = ["--policy", str(stand_ins / "default.yaml")] if name == "chatbot" else ["--policies", str(stand_ins)]
+    args = ["--policy", str(stand_ins / "default.yaml")] if name in ("chatbot", "guard_any_model") else ["--policies", str(stand_ins)]
     run_example(name, *args)
     out = capsys.readouterr().out
     if name == "chatbot":
         assert out.count("bot> ") == 2 and "stand-in-default 1: fired cyber" in out
+    elif name == "guard_any_model":
+        assert out.count("fired: cyber; answered by the guard") == 2
     elif name == "region_swap":
         assert out.count("handled differently in the EU and the US") == 2
         assert out.count("fired=['cyber']") == 2 and out.count("fired=[]") == 2
