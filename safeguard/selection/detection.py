@@ -108,10 +108,6 @@ class DetectorFit:
     oof_pos: torch.Tensor
     """Out-of-fold scores of the positive rows (each scored by the probe that did not see it)."""
     oof_neg: torch.Tensor
-    fold_weights: list[torch.Tensor]
-    fold_pos: torch.Tensor
-    """The fold of each positive row."""
-    fold_neg: torch.Tensor
 
 
 
@@ -136,7 +132,7 @@ def fit_detector(positive: torch.Tensor, negative: torch.Tensor, *, n_features: 
         sp[fp == k] = xp[fp == k] @ wk
         sn[fn == k] = xn[fn == k] @ wk
         weights.append(wk)
-    return DetectorFit(keep.tolist(), torch.stack(weights).mean(0), sp, sn, weights, fp, fn)
+    return DetectorFit(keep.tolist(), torch.stack(weights).mean(0), sp, sn)
 
 
 
