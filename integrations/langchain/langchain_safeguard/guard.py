@@ -81,7 +81,9 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
     def screen(self, inputs: Sequence[LanguageModelInput], policies: Sequence[Any] | None = None) -> list[SteeringReport]:
         """The verdict on each input (its user turns): one padded pass per distinct policy. ``policies`` gives
         each input its own (``None``: the guard's ``policy``)."""
-        rows = [to_chat_messages(_messages(x)) for x in inputs]
+        return self._screen_rows([to_chat_messages(_messages(x)) for x in inputs], policies)
+
+    def _screen_rows(self, rows: list[list[dict[str, str]]], policies: Sequence[Any] | None) -> list[SteeringReport]:
         chosen = [self.policy if policies is None or policies[i] is None else policies[i] for i in range(len(rows))]
         out: list[SteeringReport | None] = [None] * len(rows)
         groups: dict[int, list[int]] = {}
@@ -133,22 +135,21 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
             return []
         configs = get_config_list(config, len(inputs))
         out: list[Any] = [None] * len(inputs)
-        reports: list[SteeringReport | None] = [None] * len(inputs)
-        screenable = []
+        rows: dict[int, list[dict[str, str]]] = {}
         for i, x in enumerate(inputs):
             try:
-                to_chat_messages(_messages(x))
-                screenable.append(i)
+                rows[i] = to_chat_messages(_messages(x))
             except Exception as exc:
                 if not return_exceptions:
                     raise
                 out[i] = exc
-        screened = self.screen([inputs[i] for i in screenable], [self._policy_of(configs[i]) for i in screenable])
-        for i, rep in zip(screenable, screened, strict=True):
-            reports[i] = rep
-        passed = [i for i in screenable if not self.blocks(reports[i])]
-        for i in set(screenable) - set(passed):
-            out[i] = self._refusal(reports[i])
+        reports = dict(zip(rows, self._screen_rows(list(rows.values()), [self._policy_of(configs[i]) for i in rows]), strict=True))
+        passed = []
+        for i, report in reports.items():
+            if self.blocks(report):
+                out[i] = self._refusal(report)
+            else:
+                passed.append(i)
         if passed:
             replies = self.guarded.batch([inputs[i] for i in passed], [configs[i] for i in passed], return_exceptions=return_exceptions, **kwargs)
             for i, reply in zip(passed, replies, strict=True):
