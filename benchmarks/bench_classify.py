@@ -26,7 +26,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from safeguard import SteeredLLM
-    from safeguard.datasets import JailbreakTemplate, load_harmless
+    from safeguard.lab.datasets import JailbreakTemplate, load_harmless
 
     llm = SteeredLLM.from_pretrained()
     short = [p.text for p in load_harmless()[:8]]

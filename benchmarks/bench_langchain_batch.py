@@ -45,8 +45,8 @@ def stand_in() -> tuple[Any, Any, Any]:
     from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
     from safeguard import Policy, SteeredLLM
-    from safeguard.models import EMBEDDED_MODEL_NAME, load_model
-    from safeguard.saes import LoadedSAE, SAESet
+    from safeguard.runtime.models import EMBEDDED_MODEL_NAME, load_model
+    from safeguard.runtime.saes import LoadedSAE, SAESet
 
     loaded = load_model(None, device="cpu")
     meta = SAEMetadata(hook_name="blocks.10.hook_resid_post", model_name=EMBEDDED_MODEL_NAME)
@@ -83,7 +83,7 @@ def main() -> None:
 
     from langchain_safeguard import ChatSafeguard
 
-    from safeguard.saes import bundled_sae_dirs
+    from safeguard.runtime.saes import bundled_sae_dirs
 
     eu, us = ROOT / "policies" / "eu.yaml", ROOT / "policies" / "us.yaml"
     if bundled_sae_dirs() and eu.is_file() and us.is_file():

@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from safeguard import SteeredLLM
-    from safeguard.datasets import load_harmless
+    from safeguard.lab.datasets import load_harmless
 
     llm = SteeredLLM.from_pretrained()
     idle, fire = policies(llm)

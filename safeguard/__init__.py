@@ -7,10 +7,10 @@ policies, per request and per batch row.
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import DatasetError, InputError, ModelLoadError, PolicyError, SAEError, SafeguardError, TrainingError
-from .llm import SteeredLLM, TextStream
-from .policy import Policy
-from .report import AppliedSteering, Decision, GenerationResult, SteeringReport
-from .steering import steering
+from .runtime.llm import SteeredLLM, TextStream
+from .runtime.policy import Policy
+from .runtime.report import AppliedSteering, Decision, GenerationResult, SteeringReport
+from .runtime.steering import steering
 
 try:
     __version__ = version("safeguard")

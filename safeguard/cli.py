@@ -36,7 +36,7 @@ def _wrap(text: str, width: int = 96, indent: str = "    ") -> str:
 
 
 def _demo_prompts(n: int) -> tuple[list[str], list[str]]:
-    from .datasets import load_advbench, load_harmless, split
+    from .lab.datasets import load_advbench, load_harmless, split
 
     try:
         harmful = [p.text for p in split(load_advbench(), seed=0).held_out][:n]
@@ -58,7 +58,7 @@ def demo(
     """Side by side: unsteered and steered replies to harmful and harmless prompts, with what fired."""
     _threads(threads)
     from . import SteeredLLM
-    from .refusal import is_refusal
+    from .lab.refusal import is_refusal
 
     typer.echo("Loading the embedded model (SmolLM2-135M-Instruct), its bundled SAEs and policy ...")
     llm = SteeredLLM.from_pretrained() if policy is None else SteeredLLM.from_pretrained(policy=policy)
@@ -166,7 +166,7 @@ def classify(
 
     _threads(threads)
     from . import SafeguardError, SteeredLLM
-    from .datasets import load_file
+    from .lab.datasets import load_file
 
     if bool(text) == (file is not None):
         typer.echo("give texts as arguments or --file, not both or neither", err=True)
@@ -196,7 +196,7 @@ def classify(
 def train_sae(ctx: typer.Context) -> None:
     """Train SAEs with sae-lens' trainer on a chat corpus of harmful/harmless requests and replies
     (`safeguard train-sae --help` lists the flags: --layers 10 20 --d-sae --tokens --out --seed --model)."""
-    from .training import main as training_main
+    from .lab.training import main as training_main
 
     training_main(ctx.args)
 
@@ -206,9 +206,9 @@ def _register_optional() -> None:
     import importlib
 
     for module, func, name in (
-        ("safeguard.selection", "select_command", "select"),
-        ("safeguard.selection", "features_command", "features"),
-        ("safeguard.evaluation", "eval_command", "eval"),
+        ("safeguard.lab.selection", "select_command", "select"),
+        ("safeguard.lab.selection", "features_command", "features"),
+        ("safeguard.lab.evaluation", "eval_command", "eval"),
     ):
         try:
             fn = getattr(importlib.import_module(module), func)

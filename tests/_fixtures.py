@@ -21,7 +21,7 @@ def tokenizer():
     """The embedded model's tokenizer, padding on the left as generation needs."""
     from transformers import AutoTokenizer
 
-    from safeguard.models import embedded_model_folder
+    from safeguard.runtime.models import embedded_model_folder
 
     tok = AutoTokenizer.from_pretrained(embedded_model_folder())
     tok.padding_side = "left"
@@ -32,8 +32,8 @@ def tiny_steered_llm(tokenizer, model=None, saes=None):
     """A SteeredLLM on a tiny random Llama with the embedded tokenizer and tiny SAEs at layers 1 and 2; its
     active policy always fires."""
     from safeguard import Policy, SteeredLLM
-    from safeguard.models import LoadedModel
-    from safeguard.saes import SAESet
+    from safeguard.runtime.models import LoadedModel
+    from safeguard.runtime.saes import SAESet
 
     model = model if model is not None else make_tiny_model(len(tokenizer))
     saes = saes if saes is not None else SAESet([make_sae(1, seed=1), make_sae(2, seed=2)])

@@ -29,7 +29,7 @@ def make_sae(layer: int, *, arch: str = "standard", seed: int = 0, release: str 
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
-    from safeguard.saes import LoadedSAE
+    from safeguard.runtime.saes import LoadedSAE
 
     meta = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post", model_name=model_name)
     cls, cfg_cls = {"standard": (StandardSAE, StandardSAEConfig), "gated": (GatedSAE, GatedSAEConfig),

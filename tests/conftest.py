@@ -14,7 +14,7 @@ def tiny_model(tokenizer):  # noqa: F811
 
 @pytest.fixture
 def saes():
-    from safeguard.saes import SAESet
+    from safeguard.runtime.saes import SAESet
 
     return SAESet([make_sae(1, seed=1), make_sae(2, seed=2)])
 

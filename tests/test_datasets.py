@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from safeguard import datasets as D
-from safeguard.datasets import DatasetError, Prompt
+from safeguard.lab import datasets as D
+from safeguard.lab.datasets import DatasetError, Prompt
 
 
 def _fake_wheel(path, members):

@@ -8,8 +8,8 @@ import torch
 from _tiny import make_sae
 
 from safeguard import Policy, SteeredLLM
-from safeguard.models import load_model
-from safeguard.saes import SAESet
+from safeguard.runtime.models import load_model
+from safeguard.runtime.saes import SAESet
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import pytest
 from _tiny import policy_dict
 
 from safeguard import Policy
-from safeguard.datasets import JailbreakTemplate, Prompt, split_templates
-from safeguard.evaluation import CAPABILITY_QA, EvalResult, Reply, answer_correct, eval_sets, evaluate, to_markdown, write_report
+from safeguard.lab.datasets import JailbreakTemplate, Prompt, split_templates
+from safeguard.lab.evaluation import CAPABILITY_QA, EvalResult, Reply, answer_correct, eval_sets, evaluate, to_markdown, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_the_default_policy_refuses_harmful_and_leaves_benign_alone():
     import torch
 
     from safeguard import SteeredLLM
-    from safeguard.refusal import is_refusal
+    from safeguard.lab.refusal import is_refusal
 
     torch.set_num_threads(1)
     policy = ROOT / "policies" / "default.yaml"

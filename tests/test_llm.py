@@ -202,8 +202,8 @@ def test_sae_that_does_not_fit_is_refused(tiny_model, tokenizer):
     from _tiny import make_sae
 
     from safeguard import SAEError
-    from safeguard.models import LoadedModel
-    from safeguard.saes import SAESet
+    from safeguard.runtime.models import LoadedModel
+    from safeguard.runtime.saes import SAESet
 
     loaded = LoadedModel(tiny_model, tokenizer, "tiny-llama", "test", None)
     with pytest.raises(SAEError, match="trained on 'other-model'"):

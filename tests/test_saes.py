@@ -8,7 +8,7 @@ import pytest
 from _tiny import make_sae
 
 from safeguard import SAEError
-from safeguard.saes import layer_of_hook, load_sae, load_saes
+from safeguard.runtime.saes import layer_of_hook, load_sae, load_saes
 
 
 def test_hook_names_map_to_layer_outputs():
@@ -59,7 +59,7 @@ def test_registry_errors_are_fast_and_helpful(monkeypatch):
 
 def test_offline_hub_model_fails_fast_with_instructions(monkeypatch):
     from safeguard import ModelLoadError
-    from safeguard.models import load_model
+    from safeguard.runtime.models import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()

@@ -9,8 +9,8 @@ import torch
 from _tiny import policy_dict
 
 from safeguard import Policy
-from safeguard.datasets import JailbreakTemplate, Prompt, split_templates
-from safeguard.selection import (
+from safeguard.lab.datasets import JailbreakTemplate, Prompt, split_templates
+from safeguard.lab.selection import (
     Detector,
     RunningStats,
     SelectionData,

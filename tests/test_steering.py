@@ -7,8 +7,8 @@ import torch
 from _tiny import HIDDEN, hooks_on, make_sae, policy_dict
 
 from safeguard import Policy
-from safeguard.saes import SAESet
-from safeguard.steering import CompiledPolicy, RunState, attach, steering
+from safeguard.runtime.saes import SAESet
+from safeguard.runtime.steering import CompiledPolicy, RunState, attach, steering
 
 B, P = 3, 7
 
@@ -207,7 +207,7 @@ def test_sae_set_refuses_two_saes_on_one_layer():
 
 
 def test_an_action_shared_by_two_fired_categories_is_applied_once(tiny_model, saes):
-    from safeguard.report import SteeringReport
+    from safeguard.runtime.report import SteeringReport
 
     act = {"kind": "add", "layer": 2, "feature": 7, "strength": 4.0, "positions": "prompt"}
     cats = [{"id": cid, "label": cid, "detect": {"layer": 1, "features": [3], "threshold": -1.0}, "steer": [act]} for cid in ("a", "b")]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safeguard import training as T
+from safeguard.lab import training as T
 
 WORDS = "the a cat dog sat on mat ran to home how do i make bread sorry can't help with that sure here is".split()
 

@@ -25,7 +25,7 @@ _guard = threading.Lock()
 
 def shared_key(model: str | None, sae: str | Sequence[str] | None, quantization: str | None, device: str | None) -> Key:
     """The cache key: ``device=None`` and ``"auto"`` resolve to the device they pick, so they share."""
-    from safeguard.models import resolve_device
+    from safeguard.runtime.models import resolve_device
 
     saes = None if sae is None else ((str(sae),) if isinstance(sae, str) else tuple(str(s) for s in sae))
     return (None if model is None else str(model), saes, quantization, str(resolve_device(device)))

@@ -42,7 +42,7 @@ from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from safeguard import GenerationResult, InputError, Policy, SteeredLLM
-from safeguard.models import EMBEDDED_MODEL_NAME
+from safeguard.runtime.models import EMBEDDED_MODEL_NAME
 
 from ._convert import REPORT_EVENT, REPORT_KEY, response_metadata, to_chat_messages, usage
 from ._loading import shared_llm

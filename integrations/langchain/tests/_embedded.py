@@ -15,7 +15,7 @@ STAND_IN_RELEASE = "stand-in-random"
 
 
 def bundled_ready() -> bool:
-    from safeguard.saes import bundled_sae_dirs
+    from safeguard.runtime.saes import bundled_sae_dirs
 
     return bool(bundled_sae_dirs())
 
@@ -24,8 +24,8 @@ def _stand_in_sae(layer: int, d_in: int, seed: int):
     from sae_lens.saes.sae import SAEMetadata
     from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
-    from safeguard.models import EMBEDDED_MODEL_NAME
-    from safeguard.saes import LoadedSAE
+    from safeguard.runtime.models import EMBEDDED_MODEL_NAME
+    from safeguard.runtime.saes import LoadedSAE
 
     meta = SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post", model_name=EMBEDDED_MODEL_NAME)
     sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=64, metadata=meta))
@@ -38,7 +38,7 @@ def _stand_in_sae(layer: int, d_in: int, seed: int):
 
 def stand_in_policy(threshold: float = 1e9, strength: float = 2.0, name: str = "stand-in") -> dict:
     """A policy for the embedded model with the stand-in SAE (threshold 1e9 never fires, -1 always does)."""
-    from safeguard.models import EMBEDDED_MODEL_NAME
+    from safeguard.runtime.models import EMBEDDED_MODEL_NAME
 
     d = policy_dict(threshold=threshold, detect_layer=10, steer=[{"kind": "add", "layer": 10, "feature": 7, "strength": strength,
                                                                    "positions": "generated"}])
@@ -49,8 +49,8 @@ def stand_in_policy(threshold: float = 1e9, strength: float = 2.0, name: str = "
 def stand_in_llm():
     """The embedded model with a random stand-in SAE, loaded once per test session."""
     from safeguard import Policy, SteeredLLM
-    from safeguard.models import load_model
-    from safeguard.saes import SAESet
+    from safeguard.runtime.models import load_model
+    from safeguard.runtime.saes import SAESet
 
     loaded = load_model(None, device="cpu")
     return SteeredLLM(loaded, SAESet([_stand_in_sae(10, int(loaded.model.config.hidden_size), 10)]), Policy.from_dict(stand_in_policy()))
@@ -87,7 +87,7 @@ def embedded_policy_pair():
 def same_model(llm, policy=None):
     """Another SteeredLLM on the same loaded model and SAEs (nothing is copied), with its own active policy."""
     from safeguard import SteeredLLM
-    from safeguard.models import LoadedModel
+    from safeguard.runtime.models import LoadedModel
 
     loaded = LoadedModel(model=llm.model, tokenizer=llm.tokenizer, name=llm.model_name, source="test", quantization=None)
     return SteeredLLM(loaded, llm.saes, policy)

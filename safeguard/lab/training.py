@@ -14,7 +14,7 @@ with a refusal reply and once with the model's own greedy reply, plus ordinary t
 standard library). The first position of every sequence is left out: at layer 20 of SmolLM2 it is an
 attention sink whose norm is about 100 times that of other tokens.
 
-    python -m safeguard.training --layers 10 20 --d-sae 4608 --tokens 1500000 --out safeguard/bundled/smollm2-135m-instruct
+    python -m safeguard.lab.training --layers 10 20 --d-sae 4608 --tokens 1500000 --out safeguard/bundled/smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from ._hashing import stable_hash as _sha
-from .errors import TrainingError
-from .steering import forward_until
+from .._hashing import stable_hash as _sha
+from ..errors import TrainingError
+from ..runtime.steering import forward_until
 
 __all__ = [
     "COMPLIANT_OPENERS",
@@ -222,12 +222,12 @@ def build_corpus(
 ) -> Corpus:
     """The default training corpus (see the module docstring), about ``unique_tokens`` tokens of train text.
 
-    Each prompt source is split on its own with ``safeguard.datasets.split`` at its defaults (30 % held out,
+    Each prompt source is split on its own with ``safeguard.lab.datasets.split`` at its defaults (30 % held out,
     seed 0), the project's standard split, so SAEs never see the held-out prompts that evaluations use. Model
     replies are cached under the safeguard cache.
     """
+    from ..runtime.models import cache_root
     from . import datasets as ds
-    from .models import cache_root
 
     advbench, donotanswer, harmless = ds.split(ds.load_advbench()), ds.split(ds.load_donotanswer()), ds.split(ds.load_harmless())
     harmful_train = advbench.train + donotanswer.train
@@ -268,7 +268,7 @@ def build_corpus(
             f"the model's greedy reply (40 new tokens), plus Python {platform.python_version()} standard-library docstrings in "
             f"{context_size}-token chunks; {_FIRST_POSITION_NOTE}"
         ),
-        "split": "each source on its own: safeguard.datasets.split(load_x(), held_out=0.3, seed=0).train",
+        "split": "each source on its own: safeguard.lab.datasets.split(load_x(), held_out=0.3, seed=0).train",
         "harmful_train_prompts": len(harmful_train),
         "harmless_train_prompts": len(harmless.train),
         "chat_texts": len(train_chats),
@@ -597,7 +597,7 @@ def train_sae(
             "d_sae": d_sae,
             "dtype": dtype,
             "decoder_rows_unit_norm": True,
-            "command": command or f"safeguard.training.train_sae({str(model_folder)!r}, {layers}, d_sae={d_sae}, tokens={tokens}, seed={seed})",
+            "command": command or f"safeguard.lab.training.train_sae({str(model_folder)!r}, {layers}, d_sae={d_sae}, tokens={tokens}, seed={seed})",
             "corpus": corpus.description,
             "training": {
                 "trainer": "sae_lens MultiSAETrainer (all layers in lockstep on one activation stream)",
@@ -635,7 +635,7 @@ def cli_command(model: str | None, layers: Sequence[int], d_sae: int, tokens: in
 
 def train_sae_cli(model: str | None, layers: list[int], d_sae: int, tokens: int, out: Path, seed: int) -> dict[int, Path]:
     """``safeguard train-sae``: train SAEs on ``model`` (a local folder; ``None`` is the embedded model)."""
-    from .models import EMBEDDED_MODEL_NAME, embedded_model_folder
+    from ..runtime.models import EMBEDDED_MODEL_NAME, embedded_model_folder
 
     command = cli_command(model, layers, d_sae, tokens, out, seed)
     if model is None:
@@ -648,7 +648,7 @@ def train_sae_cli(model: str | None, layers: list[int], d_sae: int, tokens: int,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m safeguard.training", description=train_sae_cli.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m safeguard.lab.training", description=train_sae_cli.__doc__)
     parser.add_argument("--model", default=None, help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--layers", type=int, nargs="+", required=True)
     parser.add_argument("--d-sae", type=int, default=4608)

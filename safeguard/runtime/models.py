@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ._hub import is_cached, require_hub
-from .errors import ModelLoadError
+from .._hub import is_cached, require_hub
+from ..errors import ModelLoadError
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",

@@ -17,7 +17,7 @@ from .stats import RunningStats
 def _capture(model: Any, rows: Sequence[Sequence[int]], layers: Sequence[int], pad_id: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Outputs of decoder ``layers`` for left-padded ``rows`` (positions as generate computes them); the forward
     stops after the deepest layer. Returns ({layer: (B, T, d)}, attention mask (B, T))."""
-    from ..steering import decoder_layers, forward_until, generate_positions
+    from ...runtime.steering import decoder_layers, forward_until, generate_positions
 
     blocks = decoder_layers(model)
     width = max(len(r) for r in rows)
@@ -205,7 +205,7 @@ def compliance_replies(llm: Any, prompts: Sequence[str], *, max_new_tokens: int 
     (``<cache>/corpus``) or of earlier selections, else generated and cached."""
     from tqdm.auto import tqdm
 
-    from ..models import cache_root
+    from ...runtime.models import cache_root
 
     known: dict[str, str] = {}
     for folder in (cache_root() / "corpus", cache_root() / "selection"):

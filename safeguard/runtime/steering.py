@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import PolicyError
+from ..errors import PolicyError
 from .policy import AddAction, ClampAction, Policy, VectorAction
 from .saes import FeatureEncoder, SAESet
 

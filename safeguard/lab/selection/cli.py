@@ -11,7 +11,7 @@ from typing import Annotated
 import torch
 import typer
 
-from .. import _options as opt
+from ... import _options as opt
 from .method import select
 from .tables import render_table
 
@@ -59,7 +59,7 @@ def select_command(
 ) -> None:
     """Choose SAE features (detect per category, refusal steering), sweep the strength, write a policy."""
     torch.set_num_threads(threads)
-    from ..llm import SteeredLLM
+    from ...runtime.llm import SteeredLLM
 
     command = "safeguard select " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "select" else ""
     llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, quantization=quantization, device=device)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, PolicyError, SAEError
+from ..errors import InputError, PolicyError, SAEError
 from .models import LoadedModel, load_model
 from .policy import Policy
 from .report import GenerationResult, SteeringReport
@@ -46,7 +46,7 @@ PolicyLike = Policy | str | Path
 
 def default_policy_path() -> Path:
     """The shipped default policy for the embedded model."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent
     for candidate in (here.parent / "policies" / "default.yaml", here / "policies" / "default.yaml"):
         if candidate.is_file():
             return candidate

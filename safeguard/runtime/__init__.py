@@ -1,0 +1,1 @@
+"""The runtime: policies, detector packs, the steering engine, ``SteeredLLM`` and its reports."""
