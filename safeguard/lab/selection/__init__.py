@@ -12,8 +12,14 @@ The data's way through ``safeguard select``::
                  ─► a 2nd pass pools only the candidates ─► a sparse logistic probe per category ─► weights, thresholds
                                       └► refusal candidates: distinct decoder rows, ranked with the dense refusal direction
                                          ─► causal check: steering each alone on a few train prompts, do refusals move?
-    validation part ──► strength sweep through the real steering engine ─► chosen strength, PNG curve
-    ──► policy YAML with provenance, features.json / features.csv, redirect vectors (safetensors)
+    out-of-fold scores ──► per category: standard threshold (margin chosen on the validation part), relaxed, strict, a curve
+    validation part ──► each operating point's false-positive rate and recall (detection only)
+                    ──► strength sweep through the real steering engine at standard thresholds ─► chosen strength, PNG curve
+    ──► detector pack (pack.yaml), its redirect vectors for every category (pack.vectors.safetensors), its provenance
+        (pack.provenance.json), features.json / features.csv and the sweep plot (selection/ beside the pack)
+
+A pack says how one model detects and steers; a policy (written by people) picks per category a response and a
+sensitivity level. Changing a region is a policy edit: no selection, no model run.
 
 Memory stays O(d_sae x groups): running sums, sums of squares and firing counts, never all activations.
 
@@ -36,6 +42,7 @@ recall fell from 72% to 22%.)
 from __future__ import annotations
 
 from .activations import PromptStats, ReplyStats, collect_prompt_stats, collect_reply_stats
+from .calibration import CURVE_TARGETS, LEVEL_TARGETS, OperatingPoints, operating_points, pack_levels
 from .cli import features_command, select_command
 from .data import HARMLESS_GROUPS, WRAPPED, SelectionData, selection_data
 from .detection import Detector, DetectorFit, choose_threshold, detection_scores, fit_detector, fit_probe, greedy_margins, pooled_features
@@ -45,12 +52,15 @@ from .sweep import SweepPoint, causal_check, is_degenerate, pick_strength, plot_
 from .tables import FeatureRow, render_table, write_table
 
 __all__ = [
+    "CURVE_TARGETS",
     "HARMLESS_GROUPS",
+    "LEVEL_TARGETS",
     "WRAPPED",
     "Detector",
     "DetectorFit",
     "FeatureRow",
     "GroupSummary",
+    "OperatingPoints",
     "PromptStats",
     "ReplyStats",
     "RunningStats",
@@ -69,6 +79,8 @@ __all__ = [
     "fit_probe",
     "greedy_margins",
     "is_degenerate",
+    "operating_points",
+    "pack_levels",
     "pick_strength",
     "plot_sweep",
     "pooled_features",

@@ -6,7 +6,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -21,14 +21,16 @@ def _floats(text: str) -> list[float]:
 
 
 
+_REGIONS = ("Regions are policy edits now: select writes one detector pack per model and SAE, and a policy (policies/*.yaml) says per "
+            "category `response: redirect|block|monitor|off` and `sensitivity: relaxed|standard|strict`; see docs/policies.md.")
+
+
 def select_command(
-    out: Annotated[Path, typer.Option(help="Policy file to write (YAML); vectors go beside it.")],
-    name: Annotated[str, typer.Option(help="Policy name.")] = "default",
-    description: Annotated[str, typer.Option(help="Policy description.")] = "",
-    category: Annotated[list[str] | None, typer.Option(help="Enforce this category (repeat). Default: every category with enough prompts.")] = None,
-    redirect: Annotated[list[str] | None, typer.Option(help="Answer this category with a redirect vector instead of refusal (repeat).")] = None,
-    strict: Annotated[list[str] | None, typer.Option(help="Detect this category more sensitively (repeat).")] = None,
-    disable: Annotated[list[str] | None, typer.Option(help="Select this category but write it disabled (repeat).")] = None,
+    out: Annotated[Path, typer.Option(help="Detector pack to write (YAML), e.g. safeguard/bundled/<sae>/pack.yaml; its vectors and provenance "
+                                           "go beside it.")],
+    pack_id: Annotated[str | None, typer.Option("--id", help="Pack id (default: the SAE release).")] = None,
+    description: Annotated[str, typer.Option(help="Pack description.")] = "",
+    category: Annotated[list[str] | None, typer.Option(help="Detect this category (repeat). Default: every category with enough prompts.")] = None,
     model: opt.Model = None,
     sae: opt.Sae = None,
     quantization: opt.Quantization = None,
@@ -42,10 +44,11 @@ def select_command(
     strength: Annotated[float | None, typer.Option(help="Use this strength and sweep nothing else.")] = None,
     causal_strength: Annotated[float, typer.Option(help="Strength of the causal check, x residual norm.")] = 1.0,
     positions: Annotated[str, typer.Option(help="Where refusal features are added: prompt, generated or both.")] = "prompt",
-    threshold_margin: Annotated[float | None, typer.Option(help="Fix the threshold margin (share of the gap harmless max to category median).")] = None,
-    max_val_fpr: Annotated[float, typer.Option(help="Margin choice: most validation harmless prompts allowed to fire (fraction).")] = 0.02,
+    threshold_margin: Annotated[float | None, typer.Option(help="Fix the standard level's margin (share of the gap harmless max to category median).")] = None,
+    max_val_fpr: Annotated[float, typer.Option(help="Standard level: most validation harmless prompts allowed to fire any category (fraction).")] = 0.02,
     min_margin: Annotated[float, typer.Option(help="Smallest margin the per-category choice may reach.")] = 0.0,
-    strict_margin_offset: Annotated[float, typer.Option(help="How far --strict categories' margins are lowered below the chosen ones.")] = 0.25,
+    relax_margin: Annotated[float, typer.Option(help="Relaxed level: its margin above the standard one.")] = 0.5,
+    strict_fpr: Annotated[float, typer.Option(help="Strict level: share of calibration benign prompts allowed to fire a category.")] = 0.01,
     max_benign_increase: Annotated[float, typer.Option(help="Sweep: most benign refusal increase allowed (fraction).")] = 0.04,
     redirect_strength: Annotated[float, typer.Option(help="Strength of redirect vectors.")] = 1.0,
     detect_reduce: Annotated[str, typer.Option(help="Detection pooling over the user's tokens: max or mean.")] = "max",
@@ -53,31 +56,51 @@ def select_command(
     n_wrapped_harmless: Annotated[int, typer.Option(help="Select-part harmless prompts wrapped in train jailbreak templates (detection negatives).")] = 100,
     n_val_harmful: Annotated[int, typer.Option(help="Validation harmful prompts in the sweep.")] = 32,
     n_val_benign: Annotated[int, typer.Option(help="Validation benign prompts in the sweep.")] = 32,
-    tables: Annotated[Path | None, typer.Option(help="Folder for features.csv/json and the sweep plot (default: <out dir>/selection/<name>).")] = None,
+    tables: Annotated[Path | None, typer.Option(help="Folder for features.csv/json and the sweep plot (default: <out dir>/selection).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the select/validation split and the samples.")] = 0,
     threads: opt.Threads = 1,
+    name: Annotated[str | None, typer.Option(hidden=True)] = None,
+    redirect: Annotated[list[str] | None, typer.Option(hidden=True)] = None,
+    strict: Annotated[list[str] | None, typer.Option(hidden=True)] = None,
+    disable: Annotated[list[str] | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Choose SAE features (detect per category, refusal steering), sweep the strength, write a policy."""
+    """Choose SAE features (detect per category, refusal steering), calibrate sensitivity levels, sweep the strength, write a detector pack."""
+    gone = [flag for flag, v in (("--name", name), ("--redirect", redirect), ("--strict", strict), ("--disable", disable)) if v]
+    if gone:
+        typer.echo(f"safeguard select: {', '.join(gone)} no longer exist{'s' if len(gone) == 1 else ''}. {_REGIONS}", err=True)
+        raise typer.Exit(2)
     torch.set_num_threads(threads)
     from ...runtime.llm import SteeredLLM
 
     command = "safeguard select " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "select" else ""
     llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, quantization=quantization, device=device)
-    res = select(llm, name=name, out=out, categories=category or None, redirect=redirect or (), strict=strict or (), disabled=disable or (),
-                 description=description, detect_layer=detect_layer, steer_layer=steer_layer, n_detect_features=n_detect_features,
-                 n_detect_candidates=n_detect_candidates,
+    res = select(llm, out=out, categories=category or None, pack_id=pack_id, description=description, detect_layer=detect_layer,
+                 steer_layer=steer_layer, n_detect_features=n_detect_features, n_detect_candidates=n_detect_candidates,
                  n_steer_features=n_steer_features, strengths=_floats(strengths), strength=strength, causal_strength=causal_strength, positions=positions,
-                 threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, strict_margin_offset=strict_margin_offset,
-                 max_benign_increase=max_benign_increase,
-                 redirect_strength=redirect_strength, detect_reduce=detect_reduce, n_wrapped_harmful=n_wrapped_harmful,
-                 n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign, tables=tables, seed=seed,
-                 command=command)
+                 threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, relax_margin=relax_margin, strict_fpr=strict_fpr,
+                 max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,
+                 n_wrapped_harmful=n_wrapped_harmful, n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign,
+                 tables=tables, seed=seed, command=command)
     c = res.chosen
-    typer.echo(f"policy: {res.files['policy']} (hash {res.policy.short_hash})")
+    typer.echo(f"pack: {res.files['pack']} ({res.pack!r}); vectors {res.files['vectors'].name}, provenance {res.files['provenance'].name}")
     typer.echo(f"chosen strength {c.strength:g}: validation harmful refused {c.harmful_refusal:.0%} (unsteered {res.baseline['harmful_refusal']:.0%}), "
                f"benign refused {c.benign_refusal:.0%} (unsteered {res.baseline['benign_refusal']:.0%}), benign identical {c.benign_identical:.0%}")
+    typer.echo(render_levels(res.pack))
     typer.echo(f"tables: {res.files['csv']}, sweep plot: {res.files['sweep_png']}")
 
+
+def render_levels(pack: Any) -> str:
+    """Per category, each level's threshold with the false-positive rate and recall measured on validation prompts."""
+    def cell(p: Any) -> str:
+        rate = "n/a" if p.fpr is None else f"{p.fpr:.1%}"
+        rec = "n/a" if p.recall is None else f"{p.recall:.0%}"
+        return f"{p.threshold:>9.4f} fpr {rate:>5} recall {rec:>4}"
+
+    width = max(len(c) for c in pack.categories)
+    lines = [f"{'category':<{width}}  " + "  ".join(f"{lv:<30}" for lv in ("relaxed", "standard", "strict"))]
+    for cid, pc in pack.categories.items():
+        lines.append(f"{cid:<{width}}  " + "  ".join(f"{cell(pc.levels[lv]):<30}" for lv in ("relaxed", "standard", "strict")))
+    return "\n".join(lines)
 
 
 def features_command(

@@ -1,4 +1,4 @@
-"""The whole method, ``select``: statistics, detectors, refusal features, redirect vectors, sweep, policy."""
+"""The whole method, ``select``: statistics, detectors, refusal features, redirect vectors, sweep, detector pack."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .activations import PromptStats, ReplyStats, collect_prompt_stats, collect_reply_stats, compliance_replies
+from .calibration import CURVE_TARGETS, LEVEL_TARGETS, RELAX_MARGIN, STRICT_FPR, level_descriptions, operating_points, pack_levels
 from .data import HARMLESS_GROUPS, WRAPPED, SelectionData, _cached, _cap, _sha, selection_data
 from .detection import Detector, DetectorFit, choose_threshold, detection_scores, fit_detector, greedy_margins, pooled_features
 from .stats import GroupSummary, contrast_scores, distinct_features
@@ -23,9 +24,10 @@ from .tables import FeatureRow, _rows, write_table
 
 @dataclass
 class Selection:
-    """Everything ``select`` decided, before it becomes a policy."""
+    """Everything ``select`` decided, and the pack it wrote."""
 
-    policy: Any
+    pack: Any
+    """The ``safeguard.runtime.pack.Pack`` written (loaded back from its file, so validated)."""
     rows: list[FeatureRow]
     sweep: list[SweepPoint]
     chosen: SweepPoint
@@ -62,12 +64,9 @@ def _rel(path: Any) -> str:
 def select(
     llm: Any,
     *,
-    name: str,
     out: str | Path,
     categories: Sequence[str] | None = None,
-    redirect: Sequence[str] = (),
-    strict: Sequence[str] = (),
-    disabled: Sequence[str] = (),
+    pack_id: str | None = None,
     description: str = "",
     detect_layer: int = 10,
     steer_layer: int = 20,
@@ -89,7 +88,9 @@ def select(
     threshold_margin: float | None = None,
     max_val_fpr: float = 0.02,
     min_margin: float = 0.0,
-    strict_margin_offset: float = 0.25,
+    relax_margin: float = RELAX_MARGIN,
+    strict_fpr: float = STRICT_FPR,
+    curve_targets: Sequence[float] = CURVE_TARGETS,
     max_benign_increase: float = 0.04,
     redirect_strength: float = 1.0,
     detect_reduce: str = "max",
@@ -104,16 +105,18 @@ def select(
     batch_size: int = 8,
     data: SelectionData | None = None,
 ) -> Selection:
-    """Choose detect and steer features and a strength, and write a policy. See the module docstring.
+    """Choose detect and steer features and a strength, calibrate each category's operating points, and write a
+    detector pack (``out``, e.g. ``.../pack.yaml``) with its redirect vectors (``<stem>.vectors.safetensors``) and
+    provenance sidecar (``<stem>.provenance.json``) beside it. See the package docstring and ``calibration``.
 
-    ``categories``: the categories to enforce (default: every harm category with at least ``min_prompts``
-    select-part prompts). ``disabled``: selected but written with ``enabled: false``. ``redirect``: categories
-    answered with a SafeSteer-style dense vector instead of refusal features. ``strict``: categories whose
-    detection margin, once chosen, is lowered by ``strict_margin_offset`` (below zero the threshold sits under the
-    highest out-of-fold harmless score): more sensitive, at the price of more
-    false positives than the validation budget allows. ``threshold_margin``: fix the margin
-    instead of choosing it on the validation part. ``strength``: skip the sweep and use it.
-    Strengths are in units of the typical steer-layer residual norm. ``detect_reduce``: how detection pools
+    ``categories``: the categories the pack detects (default: every harm category with at least ``min_prompts``
+    select-part prompts). Which ones a deployment enforces, and how sensitively, is its policy's business.
+    ``pack_id``: the pack's id (default: the SAE release). ``threshold_margin``: fix the ``standard`` margin
+    instead of choosing it per category on the validation part (``greedy_margins`` from 1.5 down to
+    ``min_margin`` while at most ``max_val_fpr`` of validation benign prompts fire any category). ``relax_margin``,
+    ``strict_fpr``, ``curve_targets``: the ``relaxed``, ``strict`` and curve operating points. ``strength``: skip
+    the sweep and use it. Strengths are in units of the typical steer-layer residual norm; the sweep steers every
+    category at its ``standard`` threshold. ``detect_reduce``: how detection pools
     token scores over the user's tokens (``max`` keeps a request visible inside a long jailbreak template,
     ``mean`` is a linear probe on mean activations). ``n_wrapped_harmful`` / ``n_wrapped_harmless``: select-part
     prompts wrapped in the *train* jailbreak templates (``datasets.split_templates``) that join detection's
@@ -123,7 +126,8 @@ def select(
     from safetensors.torch import save_file
 
     from ...runtime.models import cache_root
-    from ...runtime.policy import Policy
+    from ...runtime.pack import Pack
+    from ...runtime.policy import SLUG, Policy
     from .. import datasets as ds
     from ..datasets import TAXONOMY
     from ..training import COMPLIANT_OPENERS, REFUSALS
@@ -135,17 +139,26 @@ def select(
     if detect_layer not in llm.saes or steer_layer not in llm.saes:
         raise ValueError(f"select needs SAEs at the detect layer {detect_layer} and the steer layer {steer_layer}; loaded: {sorted(llm.saes)}")
     out = Path(out)
-    table_dir = Path(tables) if tables is not None else out.parent / "selection" / name
+    if relax_margin < 0 or not 0 <= strict_fpr < 1 or any(not 0 <= r < 1 for r in curve_targets):
+        raise ValueError(f"relax_margin must be >= 0 and strict_fpr and curve_targets rates in [0, 1); got {relax_margin}, {strict_fpr}, "
+                         f"{list(curve_targets)}")
+    release = llm.saes[detect_layer].release
+    pack_id = pack_id or release
+    import re
+
+    if not re.match(SLUG, pack_id):
+        raise ValueError(f"pack id {pack_id!r} must be a slug (lower case, digits, '_' or '-'); pass pack_id")
+    table_dir = Path(tables) if tables is not None else out.parent / "selection"
     data = data or selection_data(seed=seed)
     by_cat: dict[str, list[Any]] = {}
     for p in data.harmful_select:
         by_cat.setdefault(p.category, []).append(p)
     if categories is None:
         categories = [c for c, ps in sorted(by_cat.items()) if c in TAXONOMY and TAXONOMY[c][1] and len(ps) >= min_prompts]
-    missing = [c for c in (*categories, *redirect, *strict) if c not in by_cat]
+    missing = [c for c in categories if c not in by_cat]
     if missing:
         raise ValueError(f"no select-part prompts for categories {missing}; categories with prompts: {sorted(by_cat)}")
-    cats = list(dict.fromkeys([*categories, *disabled]))
+    cats = list(dict.fromkeys(categories))
     groups = {c: [p.text for p in _cap(by_cat[c], max_per_category, seed)] for c in cats}
     for g in HARMLESS_GROUPS:
         groups[g] = [p.text for p in data.harmless_select if p.category == g]
@@ -210,14 +223,15 @@ def select(
         fits[c] = (det, all_scores, pos_idx, fit)
     detectors = [fits[c][0] for c in cats]
 
-    # thresholds: out-of-fold scores place them; one margin for all categories is picked on the validation part
-    # (detection only, no generation) so that at most max_val_fpr of its harmless prompts fire any category
-    enforced = [c for c in cats if c not in disabled]
-    val_h_texts = [p.text for p in data.harmful_val if p.category in enforced]
+
+    # thresholds: out-of-fold scores place them (calibration benign scores = fit.oof_neg); the standard level's
+    # margin per category is chosen on the validation part (detection only, no generation) so that at most
+    # max_val_fpr of its benign prompts fire any category; relaxed, strict and the curve follow (calibration.py)
+    val_h = [p for p in data.harmful_val if p.category in cats]
+    val_h_texts = [p.text for p in val_h]
     val_b_texts = [p.text for p in data.harmless_val]
-    val_dets = [fits[c][0] for c in enforced]
-    vscores = _cached(cache / f"valscores-{_sha(llm.model_name, sae_key, [asdict(d) for d in val_dets], val_h_texts, val_b_texts, detect_layer)[:20]}.pt",
-                      lambda: detection_scores(llm, val_h_texts + val_b_texts, val_dets, layer=detect_layer, progress=progress, desc="Scoring validation"))
+    vscores = _cached(cache / f"valscores-{_sha(llm.model_name, sae_key, [asdict(d) for d in detectors], val_h_texts, val_b_texts, detect_layer)[:20]}.pt",
+                      lambda: detection_scores(llm, val_h_texts + val_b_texts, detectors, layer=detect_layer, progress=progress, desc="Scoring validation"))
     nvh = len(val_h_texts)
 
     def threshold_of(c: str, m: float) -> float:
@@ -225,42 +239,46 @@ def select(
 
     def val_rates(th: Mapping[str, float]) -> tuple[float, float]:
         fired = torch.zeros(len(val_h_texts) + len(val_b_texts), dtype=torch.bool)
-        for c in enforced:
+        for c in cats:
             fired |= vscores[c] >= th[c]
         return float(fired[:nvh].float().mean()) if nvh else 0.0, float(fired[nvh:].float().mean()) if val_b_texts else 0.0
 
     if threshold_margin is not None:
         margins = {c: threshold_margin for c in cats}
     else:
-        margins = greedy_margins({c: vscores[c][:nvh] for c in enforced}, {c: vscores[c][nvh:] for c in enforced}, threshold_of,
+        margins = greedy_margins({c: vscores[c][:nvh] for c in cats}, {c: vscores[c][nvh:] for c in cats}, threshold_of,
                                  [m for m in (round(0.1 * i, 1) for i in range(0, 16)) if m >= min_margin - 1e-9], max_fpr=max_val_fpr)
-        margins.update({c: 1.5 for c in cats if c not in margins})  # disabled categories: the cautious end
-    margins = {c: round(m - strict_margin_offset, 3) if c in strict else m for c, m in margins.items()}  # strict: more sensitive than chosen
-    th = {c: threshold_of(c, margins[c]) for c in cats}
-    val_h_rate, val_b_rate = val_rates(th)
-    thresholds: dict[str, float] = {}
+    points = {c: operating_points(fits[c][3].oof_pos, fits[c][3].oof_neg, margins[c], relax=relax_margin, strict_fpr=strict_fpr, targets=curve_targets)
+              for c in cats}
+    thresholds = {c: points[c].levels["standard"] for c in cats}
+    operating: dict[str, dict[str, Any]] = {}
+    for c in cats:
+        own = torch.tensor([p.category == c for p in val_h], dtype=torch.bool)
+        operating[c] = pack_levels(points[c], vscores[c][nvh:], vscores[c][:nvh][own])
+    level_rates = {lv: dict(zip(("val_harmful_fired", "val_benign_fired"), (round(x, 4) for x in val_rates({c: points[c].levels[lv] for c in cats})),
+                                strict=True)) for lv in LEVEL_TARGETS}
+    val_h_rate, val_b_rate = val_rates(thresholds)
     detect_report: dict[str, Any] = {}
     for c in cats:
         det, all_scores, pos_idx, fit = fits[c]
         oof_pos = fit.oof_pos
-        t = th[c]
-        thresholds[c] = round(t, 5)
+        t = thresholds[c]
         pos, neg = all_scores[pos_idx], all_scores[neg_idx]
         other = torch.tensor([index[x] for c2 in cats if c2 != c for x in pos_texts[c2]], dtype=torch.long)
         detect_report[c] = {
             "features": det.features,
             "weights": det.weights,
-            "threshold": thresholds[c],
+            "threshold": t,
             "margin": margins[c],
             "select_recall": round(float((pos >= t).float().mean()), 3),
             "out_of_fold_recall": round(float((oof_pos >= t).float().mean()), 3),
             "select_recall_other_harm": round(float((all_scores[other] >= t).float().mean()), 3) if len(other) else None,
             "select_benign_fpr": round(float((neg >= t).float().mean()), 4),
             "n_select": len(pos),
+            "val_harmful_fired": round(float((vscores[c][:nvh] >= t).float().mean()), 3) if nvh else None,
+            "val_benign_fired": round(float((vscores[c][nvh:] >= t).float().mean()), 3) if val_b_texts else None,
+            "n_val_own_harmful": int(sum(p.category == c for p in val_h)),
         }
-        if c in vscores:
-            detect_report[c]["val_harmful_fired"] = round(float((vscores[c][:nvh] >= t).float().mean()), 3)
-            detect_report[c]["val_benign_fired"] = round(float((vscores[c][nvh:] >= t).float().mean()), 3)
         sc, target, order = table[c]
         rows += _rows("detect", c, detect_layer, sc, target, harmless, order, det.features,
                       {f: {"weight": wt} for f, wt in zip(det.features, det.weights, strict=True)})
@@ -302,57 +320,49 @@ def select(
                  "causal_degenerate": causal[f]["degenerate"] if f in causal else None} for f in pool}
     rows += _rows("refusal", "refusal", steer_layer, rsc, ref_t, ref_c, pool[:max(10, n_candidates)], steer_feats, extra)
 
-    # 4. redirect vectors (SafeSteer-style): harmless mean minus the category's mean, at the steer layer
+
+    # 4. redirect vectors (SafeSteer-style) for every category: harmless mean minus the category's mean, at the steer layer
     vec_file = out.with_name(f"{out.stem}.vectors.safetensors")
-    vectors: dict[str, torch.Tensor] = {}
+    prov_file = out.with_name(f"{out.stem}.provenance.json")
     safe_mean = pstats.resid.summary(list(HARMLESS_GROUPS)).mean.float()
-    for c in redirect:
-        vectors[c] = (safe_mean - pstats.resid.summary(c).mean.float()).contiguous()
+    vectors = {c: (safe_mean - pstats.resid.summary(c).mean.float()).contiguous() for c in cats}
 
-    def categories_at(s: float) -> list[dict[str, Any]]:
-        add = [{"kind": "add", "layer": steer_layer, "feature": int(f), "strength": round(float(s * norm * wf), 4), "positions": positions}
-               for f, wf in zip(steer_feats, w.tolist(), strict=True)]
-        out_cats = []
-        for d in detectors:
-            cat: dict[str, Any] = {
-                "id": d.category,
-                "label": _label(d.category),
-                "taxonomy_code": _taxonomy_code(d.category),
-                "response": "redirect" if d.category in redirect else "refuse",
-                "detect": {"layer": detect_layer, "features": d.features, "weights": d.weights, "combine": "sum", "reduce": d.reduce,
-                           "order": d.order, "threshold": thresholds[d.category]},
-                "steer": ([{"kind": "vector", "layer": steer_layer, "file": vec_file.name, "key": d.category, "strength": redirect_strength,
-                            "positions": "both"}] if d.category in redirect else add),
-                "enabled": d.category not in disabled,
-            }
-            if cat["taxonomy_code"] is None:
-                del cat["taxonomy_code"]
-            out_cats.append(cat)
-        return out_cats
+    def refusal_at(s: float) -> list[dict[str, Any]]:
+        return [{"kind": "add", "layer": steer_layer, "feature": int(f), "strength": round(float(s * norm * wf), 4), "positions": positions}
+                for f, wf in zip(steer_feats, w.tolist(), strict=True)]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if vectors:
-        save_file(vectors, str(vec_file), metadata={"what": "SafeSteer-style redirect vectors: mean harmless minus mean category residual "
-                                                    f"at layer {steer_layer}, user tokens", "model": llm.model_name})
+    def detect_of(d: Detector) -> dict[str, Any]:
+        return {"layer": detect_layer, "features": d.features, "weights": d.weights, "combine": "sum", "reduce": d.reduce, "order": d.order}
+
+    def policy_at(s: float) -> list[dict[str, Any]]:
+        """The sweep's policy: every category refused at its standard threshold (explicit, version-1 blocks)."""
+        add = refusal_at(s)
+        return [{"id": d.category, "label": _label(d.category), "response": "refuse",
+                 "detect": {**detect_of(d), "threshold": thresholds[d.category]}, "steer": add} for d in detectors]
 
     # 5. strength sweep on the validation part
-    val_h = [p.text for p in _cap([p for p in data.harmful_val if p.category in cats and p.category not in disabled], n_val_harmful, seed + 3)]
-    val_b = [p.text for p in _cap(data.harmless_val, n_val_benign, seed + 5)]
-    base_dir = str(out.parent.resolve())
+    val_h_sweep = [p.text for p in _cap(val_h, n_val_harmful, seed + 3)]
+    val_b_sweep = [p.text for p in _cap(data.harmless_val, n_val_benign, seed + 5)]
 
     def make(s: float) -> Any:
-        return Policy.from_dict(_policy_dict(llm, name=name, categories=categories_at(s)), base_dir=base_dir)
+        return Policy.from_dict(_policy_dict(llm, name=f"{pack_id}-standard", categories=policy_at(s)))
 
     grid = [strength] if strength is not None else list(strengths)
-    points, baseline = strength_sweep(llm, make, val_h, val_b, grid, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    chosen = pick_strength(points, baseline["benign_refusal"], max_benign_increase=max_benign_increase)
-    files = write_table(rows, table_dir, {"model": llm.model_name, "detect_sae": _rel(det_sae.source), "steer_sae": _rel(st_sae.source), "policy": name})
-    files["sweep_png"] = plot_sweep(points, chosen, table_dir / "sweep.png", baseline=baseline, title=f"policy {name}: strength sweep on validation prompts")
-    (table_dir / "sweep.json").write_text(json.dumps({"baseline": baseline, "points": [asdict(p) for p in points], "chosen": asdict(chosen)}, indent=1) + "\n")
+    sweep_points, baseline = strength_sweep(llm, make, val_h_sweep, val_b_sweep, grid, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                            progress=progress)
+    chosen = pick_strength(sweep_points, baseline["benign_refusal"], max_benign_increase=max_benign_increase)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = write_table(rows, table_dir, {"model": llm.model_name, "detect_sae": _rel(det_sae.source), "steer_sae": _rel(st_sae.source), "pack": pack_id})
+    files["sweep_png"] = plot_sweep(sweep_points, chosen, table_dir / "sweep.png", baseline=baseline,
+                                    title=f"pack {pack_id}: strength sweep on validation prompts (standard thresholds)")
+    (table_dir / "sweep.json").write_text(json.dumps({"baseline": baseline, "points": [asdict(p) for p in sweep_points], "chosen": asdict(chosen)},
+                                                     indent=1) + "\n")
     files["sweep_json"] = table_dir / "sweep.json"
 
-    # 6. the policy, with what made it
+    # 6. the pack, its vectors, and what made them
     import safeguard
+
+    from ..datasets import TAXONOMY_NAME, TAXONOMY_VERSION
 
     provenance = {
         "made_by": f"safeguard {safeguard.__version__} select",
@@ -364,6 +374,15 @@ def select(
         "sae": {"release": det_sae.release, "detect": {"layer": detect_layer, "source": _rel(det_sae.source), "metrics": det_sae.info.get("metrics")},
                 "steer": {"layer": steer_layer, "source": _rel(st_sae.source), "metrics": st_sae.info.get("metrics")}},
         "detection": detect_report,
+        "levels": {
+            "rule": (f"calibration benign scores = out-of-fold probe scores of the select-part harmless prompts (jailbreak-wrapped included); "
+                     f"standard = threshold at the per-category margin (threshold_margin); relaxed = margin + {relax_margin}; strict = min(standard, "
+                     f"{1 - strict_fpr:g} quantile of the calibration benign scores); curve = the (1 - rate) quantile per rate {list(curve_targets)} "
+                     "(rate 0: just above their maximum); thresholds rounded up to 5 decimals; fpr = share of validation benign prompts "
+                     "(data.harmless_val) firing the category, recall = share of the category's validation harmful prompts firing it"),
+            "calibration_benign": {c: len(fits[c][3].oof_neg) for c in cats},
+            "any_category_on_validation": level_rates,
+        },
         "refusal_features": {
             "contrast": f"{len(pairs)} select-part harmful prompts, each with a prefilled refusal (safeguard.lab.training.REFUSALS) and the model's "
                         "own greedy reply (compliance); statistics over every reply token",
@@ -377,18 +396,16 @@ def select(
             "positions": positions,
             "residual_norm": round(norm, 3),
         },
-        "sweep": {"validation_prompts": {"harmful": len(val_h), "benign": len(val_b)}, "baseline": baseline,
-                  "points": [asdict(p) for p in points], "chosen_strength": chosen.strength,
+        "sweep": {"validation_prompts": {"harmful": len(val_h_sweep), "benign": len(val_b_sweep)}, "baseline": baseline,
+                  "points": [asdict(p) for p in sweep_points], "chosen_strength": chosen.strength, "thresholds": "standard",
                   "rule": f"highest harmful refusal with benign refusal up <= {max_benign_increase}, >= 95% benign identical, <= 10% collapsed"},
-        "redirect": ({"categories": list(redirect), "file": vec_file.name, "strength": redirect_strength,
-                      "vectors": f"mean harmless minus mean category residual at layer {steer_layer} over user tokens (SafeSteer-style)"}
-                     if redirect else None),
-        "strict": {"categories": list(strict), "margin_offset": strict_margin_offset} if strict else None,
+        "redirect": {"file": vec_file.name, "strength": redirect_strength,
+                     "vectors": f"mean harmless minus mean category residual at layer {steer_layer} over user tokens (SafeSteer-style), one per category"},
         "threshold_margin": margin_report,
         "detection_rule": (f"per category: top {n_detect_candidates} features by composite score ({detect_reduce} over user tokens, category vs "
                            f"harmless select-part prompts, jailbreak-wrapped ones included), a class-balanced L2 logistic probe on them, the "
                            f"{n_detect_features} strongest kept and refitted as the mean of 5 fold probes (order: reduce_first, so the engine's score "
-                           "is the probe's); threshold on out-of-fold scores = highest harmless score + a margin (share "
+                           "is the probe's); standard threshold on out-of-fold scores = highest harmless score + a margin (share "
                            f"of the gap to the median category score); margins per category from 1.5 down to {min_margin}, greedily, while at most "
                            f"{max_val_fpr:.0%} of the validation harmless prompts fire any category (detection only, no generation)"),
         "jailbreak_augmentation": ({"templates": templates_used, "harmful": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in cats),
@@ -398,14 +415,60 @@ def select(
                                             "harmless ones the negatives; safeguard eval wraps held-out prompts in the other half"}
                                    if wrapped else None),
         "tables": _rel(table_dir),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"safeguard": safeguard.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                     **_versions("transformers", "sae-lens", "safetensors")},
     }
     provenance = {k: v for k, v in provenance.items() if v is not None}
-    policy = Policy.from_dict(_policy_dict(llm, name=name, categories=categories_at(chosen.strength), description=description, provenance=provenance),
-                              base_dir=base_dir)
-    policy.save(out)
-    files["policy"] = out
-    if vectors:
-        files["vectors"] = vec_file
-    return Selection(policy, rows, points, chosen, baseline, files)
+    pack_categories: dict[str, Any] = {}
+    for d in detectors:
+        entry: dict[str, Any] = {"label": _label(d.category), "taxonomy_code": _taxonomy_code(d.category), "detect": detect_of(d), **operating[d.category]}
+        if entry["taxonomy_code"] is None:
+            del entry["taxonomy_code"]
+        pack_categories[d.category] = entry
+    descriptions = level_descriptions(max_val_fpr=max_val_fpr, relax=relax_margin, strict_fpr=strict_fpr)
+    pack_dict = {
+        "schema_version": 1,
+        "id": pack_id,
+        "model": llm.model_name,
+        "sae": release,
+        "taxonomy": {"name": TAXONOMY_NAME, "version": TAXONOMY_VERSION},
+        "measured": True,
+        "description": description or (f"Detectors for {len(cats)} {TAXONOMY_NAME} {TAXONOMY_VERSION} categories at layer {detect_layer}, refusal "
+                                       f"steering with layer-{steer_layer} SAE features, redirect vectors at layer {steer_layer}; written by "
+                                       "safeguard select (see the provenance file)."),
+        "levels": {lv: {"max_false_positive_rate": LEVEL_TARGETS[lv] if lv != "strict" else strict_fpr, "description": descriptions[lv]}
+                   for lv in LEVEL_TARGETS},
+        "refusal": refusal_at(chosen.strength),
+        "redirect": {"file": vec_file.name, "layer": steer_layer, "strength": redirect_strength, "positions": "both"},
+        "provenance": prov_file.name,
+        "categories": pack_categories,
+    }
+    Pack.model_validate({**pack_dict, "base_dir": str(out.parent.resolve())})  # refuse to write what would not load
+    save_file(vectors, str(vec_file), metadata={"what": "SafeSteer-style redirect vectors: mean harmless minus mean category residual "
+                                                f"at layer {steer_layer}, user tokens", "model": llm.model_name})
+    prov_file.write_text(json.dumps(provenance, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    out.write_text(_pack_yaml(pack_dict), encoding="utf-8")
+    pack = Pack.load(out)
+    files.update(pack=out, vectors=vec_file, provenance=prov_file)
+    return Selection(pack, rows, sweep_points, chosen, baseline, files)
 
+
+def _versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _pack_yaml(data: dict[str, Any]) -> str:
+    """The pack as YAML: block style for its structure, flow style for leaves (``{threshold: 4.8, fpr: 0.0, ...}``)."""
+    import yaml
+
+    header = ("# Detector pack written by `safeguard select`; do not edit by hand (run it again). What made it is in the provenance\n"
+              "# file named below. Policies choose per category a response and a sensitivity level; see docs/policies.md.\n")
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None, width=160)
