@@ -57,8 +57,7 @@ def test_gated_idle_is_identical_and_firing_steers_on_the_real_model():
     plain = llm.batch(HARMLESS, max_new_tokens=12, steer=False)
     idle = llm.batch(HARMLESS, max_new_tokens=12)
     assert [r.text for r in idle] == [r.text for r in plain] and not any(r.report.fired for r in idle)
-    fire = llm.batch(HARMLESS, max_new_tokens=12, policy=Policy.from_dict({**never.model_dump(mode="json"), "categories": [
-        {**never.categories[0].model_dump(mode="json"), "detect": {"layer": 10, "features": [1, 2, 3], "threshold": -1.0}}]}))
+    fire = llm.batch(HARMLESS, max_new_tokens=12, policy=_always(never))
     assert all(r.report.fired == ("any",) for r in fire)
     assert [r.text for r in fire] != [r.text for r in plain]
 
@@ -73,9 +72,7 @@ def test_4bit_nf4_on_cpu_generates_and_steers():
     plain = llm.generate("What is the capital of France?", max_new_tokens=8, steer=False)
     idle = llm.generate("What is the capital of France?", max_new_tokens=8)
     assert plain.text and plain.text == idle.text
-    fire = Policy.from_dict({**never.model_dump(mode="json"), "categories": [
-        {**never.categories[0].model_dump(mode="json"), "detect": {"layer": 10, "features": [1, 2, 3], "threshold": -1.0}}]})
-    steered = llm.generate("What is the capital of France?", max_new_tokens=8, policy=fire)
+    steered = llm.generate("What is the capital of France?", max_new_tokens=8, policy=_always(never))
     assert steered.report.fired == ("any",) and steered.text != plain.text
 
 
@@ -90,3 +87,10 @@ def test_cuda_4bit_default():
     gated = llm.generate("What is the capital of France?", max_new_tokens=16)
     if not gated.report.fired:
         assert gated.text == plain.text
+
+
+def _always(never):
+    """``never`` with its one category firing on every prompt."""
+    rule = never.categories["any"].model_dump(mode="json")
+    return Policy.from_dict({**never.model_dump(mode="json"), "categories": {"any": {**rule, "detect": {"layer": 10, "features": [1, 2, 3],
+                                                                                                      "threshold": -1.0}}}})

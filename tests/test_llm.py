@@ -22,7 +22,7 @@ def test_generate_reports_the_truth(llm):
     r = llm.generate("hello there", **KW)
     rep = r.report
     assert isinstance(r.text, str) and r.completion_tokens > 0
-    assert rep.policy_name == "tiny" and rep.policy_version == "1" and rep.policy_hash == llm.policy.content_hash
+    assert rep.policy_name == "tiny" and rep.policy_version == "1" and rep.policy_hash == llm.compile_policy(llm.policy).hash
     assert rep.mode == "enforce" and rep.fired == ("cyber",)
     d = rep.decisions[0]
     assert d.fired and d.score >= d.threshold == -1.0 and d.layer == 1
@@ -108,7 +108,7 @@ def test_policy_swap_is_atomic(llm, tmp_path):
         llm.use_policy(Policy.from_dict(wrong_model))
     assert llm.policy is old
     (tmp_path / "never.yaml").write_text(yaml.safe_dump(NEVER))
-    assert llm.use_policy(tmp_path / "never.yaml").categories[0].detect.threshold == 1e9
+    assert llm.use_policy(tmp_path / "never.yaml").categories["cyber"].detect.threshold == 1e9
     assert llm.generate("hello", **KW).report.fired == ()
     llm.use_policy(None)
     assert llm.policy is None and llm.generate("hello", **KW).report.mode == "off"
@@ -188,7 +188,7 @@ def test_one_decision_is_logged_without_the_prompt_unless_asked(llm, caplog):
     with caplog.at_level(logging.INFO, logger="safeguard"):
         llm.generate("secret prompt text", **KW)
     [rec] = [r for r in caplog.records if hasattr(r, "safeguard")]
-    assert rec.safeguard["fired"] == ["cyber"] and rec.safeguard["policy_hash"] == llm.policy.content_hash
+    assert rec.safeguard["fired"] == ["cyber"] and rec.safeguard["policy_hash"] == llm.compile_policy(llm.policy).hash
     assert "prompt" not in rec.safeguard and "secret prompt text" not in rec.getMessage()
     caplog.clear()
     llm.log_prompts = True

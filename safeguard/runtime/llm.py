@@ -16,7 +16,6 @@ import asyncio
 import logging
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,13 +24,18 @@ from typing import Any
 import torch
 
 from ..errors import InputError, PolicyError, SAEError
+from ._files import contained_path
+from .compile import resolve
 from .models import LoadedModel, load_model
+from .names import same_model
+from .pack import Pack, find_pack
 from .policy import Policy
+from .policy import is_shipped_name as _is_shipped_name
 from .report import GenerationResult, SteeringReport
 from .saes import SAESet, load_saes
 from .steering import CompiledPolicy, RunState, decoder_layers, forward_until, generate_positions, steering
 
-__all__ = ["PRODUCTION_MODEL", "PRODUCTION_SAE", "SteeredLLM", "TextStream", "default_policy_path"]
+__all__ = ["PRODUCTION_MODEL", "PRODUCTION_SAE", "SteeredLLM", "TextStream"]
 
 log = logging.getLogger("safeguard")
 
@@ -42,33 +46,31 @@ _UNSET: Any = object()
 
 PromptLike = str | Sequence[Mapping[str, Any]]
 PolicyLike = Policy | str | Path
-
-
-def default_policy_path() -> Path:
-    """The shipped default policy for the embedded model."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here.parent / "policies" / "default.yaml", here / "policies" / "default.yaml"):
-        if candidate.is_file():
-            return candidate
-    return here.parent / "policies" / "default.yaml"
+"""A ``Policy``, a shipped policy's name (``"eu"``) or a policy file's path."""
 
 
 class SteeredLLM:
     """A causal LM whose refusals are steered, per request, by SAE features chosen in a policy.
 
-    Load the embedded default (SmolLM2-135M-Instruct, its bundled SAEs and default policy, on CPU)::
+    Load the embedded default (SmolLM2-135M-Instruct, its bundled SAEs, detector pack and the ``default`` policy, on CPU)::
 
         llm = SteeredLLM.from_pretrained()
         r = llm.generate("How do I pick a lock?")
         r.text, r.report.fired
 
     Production: ``SteeredLLM.from_pretrained("meta-llama/Meta-Llama-3-8B-Instruct",
-    sae="llama-3-8b-it-res-jh", policy="policies/llama3-8b-instruct.yaml", quantization="4bit")``.
+    sae="llama-3-8b-it-res-jh", policy="eu", quantization="4bit")``: the same policy files, with the Llama-3 pack.
     """
 
-    def __init__(self, loaded: LoadedModel, saes: SAESet, policy: PolicyLike | None = None, *, log_prompts: bool = False):
+    def __init__(self, loaded: LoadedModel, saes: SAESet, policy: PolicyLike | None = None, *, pack: Pack | str | Path | None = None,
+                 log_prompts: bool = False):
         self._loaded = loaded
         self.saes = saes
+        releases = sorted({s.release for s in saes.values()})
+        self.pack: Pack | None = Pack.load(pack) if pack is not None else find_pack(loaded.name, releases[0] if len(releases) == 1 else None)
+        """The detector pack policies are compiled against (the shipped one for this model and SAE, or ``pack=``)."""
+        if self.pack is not None and not self.pack.fits(loaded.name, None):
+            raise PolicyError(f"pack {self.pack.id!r} is for model {self.pack.model!r}, not the loaded {loaded.name!r}")
         self.log_prompts = log_prompts
         cfg = loaded.model.config
         self.hidden_size = int(cfg.hidden_size)
@@ -77,7 +79,7 @@ class SteeredLLM:
             s.check_fits(loaded.name, self.hidden_size, self.num_layers)
         self.context_window = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
         self._lock = threading.RLock()
-        self._compiled: OrderedDict[tuple[str, str | None], CompiledPolicy] = OrderedDict()
+        self._compiled: OrderedDict[tuple[str, str | None, bool], CompiledPolicy] = OrderedDict()
         self._active: CompiledPolicy | None = None
         if policy is not None:
             self.use_policy(policy)
@@ -90,14 +92,17 @@ class SteeredLLM:
         *,
         sae: Any = None,
         policy: PolicyLike | None = _UNSET,
+        pack: Pack | str | Path | None = None,
         quantization: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         log_prompts: bool = False,
     ) -> SteeredLLM:
-        """Load a model, its SAEs and a policy.
+        """Load a model, its SAEs, its detector pack and a policy.
 
-        ``model=None`` is the embedded default with its bundled SAEs and ``policies/default.yaml``.
+        ``model=None`` is the embedded default with its bundled SAEs and pack, and the shipped ``default`` policy.
+        ``pack=None`` takes the shipped pack for the model and SAE (SmolLM2-135M-Instruct; Llama-3-8B-Instruct with
+        ``llama-3-8b-it-res-jh``, unmeasured), else give a pack file.
         A hub id or folder needs ``sae=`` (a folder, ``"release"`` or ``"release:sae_id"``, or a list), except
         for Llama-3-8B-Instruct, whose default is ``llama-3-8b-it-res-jh``. ``policy=None`` loads no policy.
         """
@@ -105,20 +110,19 @@ class SteeredLLM:
             sae_spec = None
         elif sae is not None:
             sae_spec = sae
-        elif str(model).rsplit("/", 1)[-1].lower() == PRODUCTION_MODEL.rsplit("/", 1)[-1].lower():
+        elif same_model(str(model), PRODUCTION_MODEL):
             sae_spec = PRODUCTION_SAE
         else:
             raise SAEError(f"no default SAE is known for model {str(model)!r}; pass sae=FOLDER or sae='release:sae_id'")
         if policy is _UNSET:
-            policy = default_policy_path() if model is None else None
-            if policy is not None and not Path(policy).is_file():
-                warnings.warn(f"the default policy {policy} is missing; running without a policy", stacklevel=2)
-                policy = None
+            policy = "default" if model is None else None
         if policy is not None:
             policy = Policy.load(policy)  # a broken policy fails before the model is loaded
+        if pack is not None:
+            pack = Pack.load(pack)
         loaded = load_model(model, quantization=quantization, device=device, dtype=dtype)
         saes = load_saes(sae_spec, device=loaded.model.device)
-        return cls(loaded, saes, policy, log_prompts=log_prompts)
+        return cls(loaded, saes, policy, pack=pack, log_prompts=log_prompts)
 
     @property
     def model(self) -> Any:
@@ -153,10 +157,13 @@ class SteeredLLM:
         """The active policy."""
         return self._active.policy if self._active else None
 
-    def compile_policy(self, policy: PolicyLike) -> CompiledPolicy:
-        """Validate and compile a policy for this model (cached by content hash)."""
+    def compile_policy(self, policy: PolicyLike, *, monitor: bool = False) -> CompiledPolicy:
+        """Validate, resolve against the pack and compile a policy for this model (cached by content hash).
+        ``monitor=True`` compiles it to decide and report only."""
+        if isinstance(policy, CompiledPolicy):
+            policy = policy.policy
         p = Policy.load(policy)
-        key = (p.content_hash, p.base_dir)
+        key = (p.content_hash, self.pack.content_hash if self.pack else None, monitor)
         with self._lock:
             if key in self._compiled:
                 self._compiled.move_to_end(key)
@@ -164,7 +171,8 @@ class SteeredLLM:
         dtype = next(self.model.parameters()).dtype
         if not dtype.is_floating_point:  # 4-bit weights: steer in the compute dtype
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        compiled = CompiledPolicy(p, self.saes, model_name=self.model_name, num_layers=self.num_layers, device=self.device, dtype=dtype)
+        compiled = CompiledPolicy(resolve(p, self.pack), self.saes, model_name=self.model_name, num_layers=self.num_layers, device=self.device,
+                                  dtype=dtype, monitor=monitor)
         with self._lock:
             self._compiled[key] = compiled
             while len(self._compiled) > 32:
@@ -292,16 +300,21 @@ class SteeredLLM:
         extra: dict[str, Any],
         streamer: Any = None,
         stopping_criteria: Any = None,
+        shadows: Sequence[Sequence[CompiledPolicy]] | None = None,
     ) -> list[GenerationResult]:
         t0 = time.perf_counter()
         kw = self._gen_kwargs(max_new_tokens, temperature, stop, extra)
         ids, attn, user = self._encode(prompts, template, max_new_tokens)
-        run = RunState(policies, user, attn)
+        run = RunState(policies, user, attn, shadows=shadows)
         dev = self.device
         if streamer is not None:
             kw["streamer"] = streamer
         if stopping_criteria is not None:
             kw["stopping_criteria"] = stopping_criteria
+        if any(p is not None and p.enforce and any(c.response == "block" for c in p.categories) for p in policies):
+            from transformers import LogitsProcessorList
+
+            kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), _EndBlockedRows(run, sorted(self._eos_ids()))])
         with self._lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
@@ -320,6 +333,8 @@ class SteeredLLM:
                 if s and s in text:
                     text, finish = text[: text.index(s)], "stop"
             report = SteeringReport.from_run(run, row, total)
+            if report.blocked:  # nothing was generated for this row: its category's message is the reply
+                text, gen, finish = report.message or "", [], "content_filter"
             results.append(GenerationResult(text, report, int(attn[row].sum()), len(gen), finish))
             self._log(prompts[row], report)
         return results
@@ -349,34 +364,51 @@ class SteeredLLM:
         log.info("decision policy=%s fired=%s", report.policy_name, list(report.fired), extra={"safeguard": record})
 
     def _one(self, prompt: Any, *, policy: Any, steer: bool, max_new_tokens: int, temperature: float | None,
-             stop: Sequence[str] | None, template: bool, seed: int | None, extra: dict[str, Any]) -> GenerationResult:
-        return self._run([prompt], [self._resolve(policy, steer)], max_new_tokens=max_new_tokens, temperature=temperature,
-                         stop=stop, template=template, seed=seed, extra=extra)[0]
+             stop: Sequence[str] | None, template: bool, seed: int | None, extra: dict[str, Any], shadow: Any = None) -> GenerationResult:
+        compiled = self._resolve(policy, steer)
+        return self._run([prompt], [compiled], max_new_tokens=max_new_tokens, temperature=temperature, stop=stop, template=template,
+                         seed=seed, extra=extra, shadows=[self._shadows(compiled, shadow)])[0]
+
+    def _shadows(self, compiled: CompiledPolicy | None, shadow: Any) -> list[CompiledPolicy]:
+        """The shadow policies of one row, compiled to decide only: ``shadow=`` when given, else the policy's own
+        ``shadow`` field (shipped names, or paths relative to the policy's folder)."""
+        if shadow is None:
+            if compiled is None or not compiled.policy.shadow:
+                return []
+            p = compiled.policy
+            shadow = [s if _is_shipped_name(s) else contained_path(p.base_dir or ".", s, where=f"policy {p.name!r}: shadow") for s in p.shadow]
+        elif isinstance(shadow, (str, Path, Policy)):
+            shadow = [shadow]
+        elif not isinstance(shadow, Sequence):
+            raise InputError(f"shadow is a list of policies (names, files or Policy objects), not {type(shadow).__name__}")
+        return [self.compile_policy(s, monitor=True) for s in shadow]
 
     # --------------------------------------------------------------------------------------- public API
     def generate(self, prompt: str, *, max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None,
                  temperature: float | None = None, stop: Sequence[str] | None = None, template: bool = True,
-                 seed: int | None = None, **generation_kwargs: Any) -> GenerationResult:
+                 seed: int | None = None, shadow: Sequence[PolicyLike] | None = None, **generation_kwargs: Any) -> GenerationResult:
         """Reply to one prompt. The prompt is sent as a user turn through the chat template (``template=False``
-        sends the raw text). ``steer=False`` gives the unsteered model; ``policy=`` overrides the active one."""
+        sends the raw text). ``steer=False`` gives the unsteered model; ``policy=`` overrides the active one.
+        ``shadow=["eu"]`` also scores those policies' detectors on the same activations and reports what they would
+        have done (``report.shadow``), without acting on them."""
         if not isinstance(prompt, str):
             raise InputError(f"generate takes a string prompt, not {type(prompt).__name__}; use chat() for messages")
         return self._one(prompt, policy=policy, steer=steer, max_new_tokens=max_new_tokens, temperature=temperature,
-                         stop=stop, template=template, seed=seed, extra=generation_kwargs)
+                         stop=stop, template=template, seed=seed, extra=generation_kwargs, shadow=shadow)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 128, steer: bool = True,
              policy: PolicyLike | None = None, temperature: float | None = None, stop: Sequence[str] | None = None,
-             seed: int | None = None, **generation_kwargs: Any) -> GenerationResult:
+             seed: int | None = None, shadow: Sequence[PolicyLike] | None = None, **generation_kwargs: Any) -> GenerationResult:
         """Reply to a conversation of ``{"role", "content"}`` messages (system, user, assistant)."""
         if isinstance(messages, str):
             raise InputError("chat takes a list of messages; use generate() for a string")
         return self._one(list(messages), policy=policy, steer=steer, max_new_tokens=max_new_tokens, temperature=temperature,
-                         stop=stop, template=True, seed=seed, extra=generation_kwargs)
+                         stop=stop, template=True, seed=seed, extra=generation_kwargs, shadow=shadow)
 
     def batch(self, prompts: Sequence[PromptLike], *, policies: Sequence[PolicyLike | bool | None] | None = None,
               max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None, temperature: float | None = None,
               stop: Sequence[str] | None = None, template: bool = True, seed: int | None = None, batch_size: int = 8,
-              **generation_kwargs: Any) -> list[GenerationResult]:
+              shadow: Sequence[PolicyLike] | None = None, **generation_kwargs: Any) -> list[GenerationResult]:
         """Reply to many prompts (strings or message lists) in padded batches of ``batch_size``.
 
         ``policies`` gives each row its own policy (``None`` entries use the active one, ``False`` entries are
@@ -390,16 +422,18 @@ class SteeredLLM:
         compiled = [None if policies is not None and policies[i] is False
                     else self._resolve(policies[i] if policies is not None and policies[i] is not None else policy, steer)
                     for i in range(len(prompts))]
+        shadows = [self._shadows(c, shadow) for c in compiled]
         for p in prompts:  # validate every row before generating any
             self._encode_one(p, template)
         out: list[GenerationResult] = []
         for lo in range(0, len(prompts), max(1, batch_size)):
             hi = lo + max(1, batch_size)
             out += self._run(prompts[lo:hi], compiled[lo:hi], max_new_tokens=max_new_tokens, temperature=temperature,
-                             stop=stop, template=template, seed=seed, extra=generation_kwargs)
+                             stop=stop, template=template, seed=seed, extra=generation_kwargs, shadows=shadows[lo:hi])
         return out
 
-    def classify(self, texts: Sequence[PromptLike], *, policy: PolicyLike | None = None, batch_size: int = 8) -> list[SteeringReport]:
+    def classify(self, texts: Sequence[PromptLike], *, policy: PolicyLike | None = None, shadow: Sequence[PolicyLike] | None = None,
+                 batch_size: int = 8) -> list[SteeringReport]:
         """Which categories fire on each text, without steering or generating: the policy's detectors as a classifier.
 
         Each text is sent as a user turn (a message list is taken as it is), so the same detectors that gate
@@ -412,22 +446,23 @@ class SteeredLLM:
         pol = self._resolve(policy, True)
         if pol is None:
             raise PolicyError("classify needs a policy: pass policy= or activate one with use_policy()")
-        monitor = self.compile_policy(pol.policy.model_copy(update={"mode": "monitor"}))
+        monitor = self.compile_policy(pol.policy, monitor=True)
         for t in texts:  # validate every row before running any
             self._encode_one(t, True)
         out: list[SteeringReport] = []
         for lo in range(0, len(texts), max(1, batch_size)):
-            out += self._classify_chunk(list(texts[lo:lo + max(1, batch_size)]), monitor)
+            out += self._classify_chunk(list(texts[lo:lo + max(1, batch_size)]), monitor, self._shadows(pol, shadow))
         return out
 
-    def _classify_chunk(self, texts: list[Any], policy: CompiledPolicy) -> list[SteeringReport]:
+    def _classify_chunk(self, texts: list[Any], policy: CompiledPolicy, shadows: list[CompiledPolicy]) -> list[SteeringReport]:
         t0 = time.perf_counter()
         ids, attn, user = self._encode(texts, True, 0)
-        run = RunState([policy] * len(texts), user, attn)
-        if policy.detect_layers:  # else every category is disabled: nothing to detect
+        run = RunState([policy] * len(texts), user, attn, shadows=[shadows] * len(texts))
+        layers = set(policy.detect_layers) | run.shadow_layers()
+        if layers:  # else every category is off: nothing to detect
             dev = self.device
             with self._lock, torch.inference_mode(), steering(self.model, run):  # the engine's hooks decide at the detect layers
-                forward_until(self.model, decoder_layers(self.model)[max(policy.detect_layers)], input_ids=ids.to(dev),
+                forward_until(self.model, decoder_layers(self.model)[max(layers)], input_ids=ids.to(dev),
                               attention_mask=attn.to(dev), position_ids=generate_positions(attn).to(dev))
         total = time.perf_counter() - t0
         reports = [SteeringReport.from_run(run, row, total) for row in range(len(texts))]
@@ -437,13 +472,13 @@ class SteeredLLM:
 
     def stream(self, prompt: PromptLike, *, max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None,
                temperature: float | None = None, stop: Sequence[str] | None = None, template: bool = True,
-               seed: int | None = None, **generation_kwargs: Any) -> TextStream:
+               seed: int | None = None, shadow: Sequence[PolicyLike] | None = None, **generation_kwargs: Any) -> TextStream:
         """Stream a reply as text pieces; the returned ``TextStream`` holds ``.result`` once exhausted.
         Closing it early (or leaving the ``with`` block) stops generation and removes the hooks."""
         compiled = self._resolve(policy, steer)
         self._encode_one(prompt, template)  # bad input fails here, not inside the thread
-        return TextStream(self, prompt, compiled, dict(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop,
-                                                        template=template, seed=seed, extra=generation_kwargs))
+        return TextStream(self, prompt, compiled, dict(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop, template=template,
+                                                        seed=seed, extra=generation_kwargs, shadows=[self._shadows(compiled, shadow)]))
 
     async def agenerate(self, prompt: str, **kwargs: Any) -> GenerationResult:
         return await asyncio.to_thread(self.generate, prompt, **kwargs)
@@ -528,6 +563,8 @@ class TextStream(Iterator[str]):
                 self._emitted = text
             return piece
         self._finish(drain=False)  # the streamer is exhausted: the worker has ended it
+        if self.result is not None and self.result.report.blocked and self.result.text:
+            return self.result.text  # a blocked request generated nothing: its policy's message is the reply
         raise StopIteration
 
     def _finish(self, *, drain: bool) -> None:
@@ -556,3 +593,24 @@ class TextStream(Iterator[str]):
         if not getattr(self, "_done", True):
             self._cancel.set()
 
+
+
+class _EndBlockedRows:
+    """A logits processor: rows whose policy blocked them (decided during prefill) can only emit end-of-turn, so
+    they finish at once while the rest of the batch decodes."""
+
+    def __init__(self, run: RunState, eos: Sequence[int]):
+        self._run = run
+        self._eos = list(eos)
+        self._rows: list[int] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._rows is None:
+            self._rows = [r for r in range(self._run.batch_size) if self._run.blocked(r) is not None]
+        if not self._rows or not self._eos:
+            return scores
+        rows = torch.tensor(self._rows, device=scores.device)
+        out = scores.clone()
+        out[rows] = float("-inf")
+        out[rows, self._eos[0]] = 0.0
+        return out

@@ -1,76 +1,92 @@
-"""Declarative policies: which risk categories fire on a request, and how generation is steered when they do.
+"""Policies: what a deployment wants, per risk category of a public taxonomy. People write them; they are short
+and not tied to a model. A detector pack (``pack.py``) says how one model does it; ``compile.py`` joins the two.
 
-A policy file (YAML or JSON) looks like this::
+A root policy::
 
-    schema_version: 1
+    schema_version: 2
     name: default
-    version: "1.0.0"
-    taxonomy: {name: AIR-Bench, version: "2024"}
-    model: SmolLM2-135M-Instruct          # checked against the loaded model
-    sae: smollm2-135m-instruct            # the SAE release its feature ids index
-    mode: enforce                         # or monitor: decide and record, never steer
-    categories:
-      - id: criminal_activities           # stable slug
-        taxonomy_code: "l2-criminal"      # the taxonomy's own code (not stable across taxonomy versions)
-        label: Criminal activities
-        response: refuse                  # or redirect (steer to safe content without refusing)
-        detect:
-          layer: 10
-          features: [812, 3301]
-          combine: max                    # over features: max | sum | mean (weights allowed with sum)
-          reduce: max                     # over the user's tokens: max | mean
-          order: combine_first            # or reduce_first: each feature reduced over tokens, then combined
-          threshold: 4.0
-        steer:
-          - {kind: add, layer: 20, feature: 1290, strength: 6.0, positions: generated}
-          - {kind: clamp, layer: 20, feature: 77, value: 0.0, positions: both}
-          - {kind: vector, layer: 20, file: vectors.safetensors, key: criminal, strength: 4.0}
+    version: "2.0.0"
+    taxonomy: {name: AIR-Bench, version: "2024"}   # category ids are this taxonomy's, at this version
+    mode: enforce                                   # or monitor: decide and report, never act
+    defaults: {response: refuse, sensitivity: standard, message: "I can't help with that."}
+    categories:                                     # every category it enforces, by taxonomy slug
+      criminal_activities: {}
+      self_harm: {response: block, message: "If you are struggling, please reach out to a local helpline."}
 
-Every mapping refuses unknown keys; errors name the file and the field path. ``Policy.content_hash`` is a
-SHA-256 over the canonical policy and the bytes of every vector file it references.
+A regional policy holds only its differences::
+
+    schema_version: 2
+    name: eu
+    version: "2.0.0"
+    extends: default                 # a shipped policy's name, or a path relative to this file
+    categories:
+      privacy: {sensitivity: strict, note: "GDPR art. 9 special categories"}
+
+Per category: ``response`` (``refuse`` steers toward refusal with SAE features, ``redirect`` adds a SafeSteer-style
+dense vector, ``block`` replies with the category's ``message`` without generating, ``monitor`` decides and
+reports only, ``off``), ``sensitivity`` (``relaxed``, ``standard``, ``strict``: operating points the pack
+calibrated) or ``max_false_positive_rate``, ``message``, ``note``. An expert may give explicit ``detect`` and
+``steer`` blocks (the version-1 schema), which then need no pack.
+
+Version-1 files (``schema_version: 1``: a list of categories, each with explicit ``detect`` and ``steer``) keep
+loading: they are read as a version-2 policy whose every category is explicit. Unknown keys are refused
+everywhere, numbers must be finite, and errors name the file and the field path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import threading
 from collections.abc import Sequence
+from functools import cached_property
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import PolicyError
+from ._files import contained_path, read_yaml
 
 __all__ = [
     "AddAction",
-    "Category",
+    "CategoryRule",
     "ClampAction",
+    "Defaults",
     "Detect",
     "Policy",
     "SteerAction",
     "Taxonomy",
     "VectorAction",
+    "shipped_policies",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SLUG = r"^[a-z0-9][a-z0-9_\-]*$"
+DEFAULT_MESSAGE = "I can't help with that."
+MAX_POLICY_BYTES = 256 * 1024
+_MAX_EXTENDS = 8
 Positions = Literal["prompt", "generated", "both"]
-_SLUG = r"^[a-z0-9][a-z0-9_\-]*$"
+Response = Literal["refuse", "redirect", "block", "monitor", "off"]
+Sensitivity = Literal["relaxed", "standard", "strict"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Strict(BaseModel):
+    """Every mapping a person or a tool writes: unknown keys refused, frozen, finite numbers only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class Taxonomy(_Strict):
+class Taxonomy(Strict):
     """The public taxonomy category ids come from; codes are only meaningful with its version."""
 
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
 
 
-class Detect(_Strict):
+class Detect(Strict):
     """How a category's score is computed from SAE feature activations over the user's tokens."""
 
     layer: int = Field(ge=0)
@@ -105,7 +121,7 @@ class Detect(_Strict):
         return self
 
 
-class _Action(_Strict):
+class _Action(Strict):
     layer: int = Field(ge=0)
     positions: Positions = "both"
     """Where steering applies: the prompt's tokens (during prefill), generated tokens, or both."""
@@ -128,11 +144,11 @@ class ClampAction(_Action):
 
 
 class VectorAction(_Action):
-    """Add a dense steering vector (SafeSteer-style), read from a safetensors file beside the policy, times
-    ``strength``. The vector is used as stored."""
+    """Add a dense steering vector (SafeSteer-style), read from a safetensors file in the folder of the file
+    that names it, times ``strength``. The vector is used as stored."""
 
     kind: Literal["vector"]
-    file: str
+    file: str = Field(min_length=1)
     key: str
     strength: float
 
@@ -140,105 +156,151 @@ class VectorAction(_Action):
 SteerAction = Annotated[AddAction | ClampAction | VectorAction, Field(discriminator="kind")]
 
 
-class Category(_Strict):
-    id: str = Field(pattern=_SLUG)
-    label: str = Field(min_length=1)
+class Defaults(Strict):
+    """What a category gets unless it says otherwise."""
+
+    response: Response = "refuse"
+    sensitivity: Sensitivity = "standard"
+    message: str = Field(default=DEFAULT_MESSAGE, min_length=1)
+    """The reply of a ``block`` category without a message of its own."""
+
+
+class CategoryRule(Strict):
+    """One category's entry in a policy. Unset fields come from ``defaults`` (and from the policy extended)."""
+
+    response: Response | None = None
+    sensitivity: Sensitivity | None = None
+    max_false_positive_rate: float | None = Field(default=None, ge=0, le=1)
+    """Instead of a named sensitivity: the pack's operating point with at most this false-positive rate."""
+    message: str | None = Field(default=None, min_length=1)
+    note: str | None = None
+    """Why: free text for reviewers, never interpreted."""
+    label: str | None = None
     taxonomy_code: str | None = None
-    response: Literal["refuse", "redirect"] = "refuse"
-    detect: Detect
-    steer: list[SteerAction] = Field(default_factory=list)
-    enabled: bool = True
-    """A disabled category is neither detected nor steered (deployments switch categories off)."""
+    detect: Detect | None = None
+    """Expert override: this detector instead of the pack's (its threshold replaces the sensitivity)."""
+    steer: list[SteerAction] | None = None
+    """Expert override: these actions instead of the pack's refusal actions or redirect vector."""
+    base_dir: Annotated[str | None, Field(exclude=True)] = None
+    """Folder that ``steer``'s vector files resolve against (that of the file that gave ``steer``)."""
 
     @model_validator(mode="after")
-    def _order(self) -> Category:
-        for i, a in enumerate(self.steer):
-            if a.positions != "generated" and a.layer < self.detect.layer:
-                raise ValueError(
-                    f"steer[{i}] acts on prompt positions at layer {a.layer}, before detection at layer "
-                    f"{self.detect.layer} has decided; use positions: generated or a layer >= {self.detect.layer}"
-                )
+    def _one_threshold(self) -> CategoryRule:
+        if self.sensitivity is not None and self.max_false_positive_rate is not None:
+            raise ValueError("give sensitivity or max_false_positive_rate, not both")
+        if self.detect is not None and (self.sensitivity is not None or self.max_false_positive_rate is not None):
+            raise ValueError("an explicit detect block carries its own threshold; drop sensitivity / max_false_positive_rate")
         return self
 
 
-class Policy(_Strict):
-    """A validated policy. Build it with ``Policy.from_file`` or ``Policy.model_validate``."""
+class Policy(Strict):
+    """A validated, resolved policy (its ``extends`` chain merged). Build it with ``Policy.load`` (a shipped name,
+    a path, or a Policy), ``Policy.from_file`` or ``Policy.from_dict``."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
     description: str = ""
+    extends: str | None = None
+    """The policy this one was written as a difference from (already merged in)."""
     taxonomy: Taxonomy
-    model: str = Field(min_length=1)
-    """The model the policy was made for (its canonical name, e.g. SmolLM2-135M-Instruct)."""
-    sae: str = Field(min_length=1)
-    """The SAE release its feature ids index."""
     mode: Literal["enforce", "monitor"] = "enforce"
-    categories: list[Category] = Field(min_length=1)
+    defaults: Defaults = Field(default_factory=Defaults)
+    shadow: list[str] = Field(default_factory=list)
+    """Policies (shipped names or paths) whose detectors are scored on every request and reported, never acted on."""
+    categories: dict[str, CategoryRule] = Field(min_length=1)
+    model: str | None = None
+    """For explicit ``detect``/``steer`` blocks: the model whose SAE feature ids they name (checked at load)."""
+    sae: str | None = None
+    """For explicit blocks: the SAE release their feature ids index."""
     provenance: dict[str, Any] = Field(default_factory=dict)
-    """How the policy was made (data, split, seed, scores, date): recorded, never interpreted."""
+    """How the policy was made: recorded, never interpreted."""
     base_dir: Annotated[str | None, Field(exclude=True)] = None
-    """Folder that relative vector files resolve against (the policy file's folder)."""
+    chain: Annotated[tuple[tuple[str, str], ...], Field(exclude=True)] = ()
+    """(file, SHA-256 of its bytes) for the file and every file it extends, leaf first."""
 
     @field_validator("categories")
     @classmethod
-    def _unique(cls, v: list[Category]) -> list[Category]:
-        seen: set[str] = set()
-        for c in v:
-            if c.id in seen:
-                raise ValueError(f"category id {c.id!r} appears twice")
-            seen.add(c.id)
+    def _slugs(cls, v: dict[str, CategoryRule]) -> dict[str, CategoryRule]:
+        bad = [k for k in v if not re.match(SLUG, k)]
+        if bad:
+            raise ValueError(f"category ids must be taxonomy slugs (lower case, digits, '_' or '-'): {bad}")
         return v
+
+    @model_validator(mode="after")
+    def _explicit(self) -> Policy:
+        if any(r.detect is not None or r.steer for r in self.categories.values()) and (self.model is None or self.sae is None):
+            raise ValueError("explicit detect/steer blocks name SAE features: set the policy's 'model' and 'sae' fields")
+        for slug, r in self.categories.items():
+            for a in r.steer or ():
+                if isinstance(a, VectorAction):
+                    contained_path(r.base_dir or self.base_dir or ".", a.file, where=f"categories.{slug}.steer")
+        return self
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_file(cls, path: str | Path) -> Policy:
-        """Read and validate a YAML or JSON policy; a ``PolicyError`` names the file and the field."""
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise PolicyError(f"policy file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise PolicyError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
-        if not isinstance(data, dict):
-            raise PolicyError(f"{p}: a policy file holds a mapping with keys name, version, taxonomy, ... (got {type(data).__name__})")
-        return cls.from_dict(data, source=str(p), base_dir=str(p.parent.resolve()))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>", base_dir: str | None = None) -> Policy:
-        try:
-            return cls.model_validate({**data, "base_dir": base_dir})
-        except ValidationError as exc:
-            raise PolicyError(_describe(exc, source)) from exc
-
-    @classmethod
     def load(cls, policy: Policy | str | Path) -> Policy:
-        return policy if isinstance(policy, Policy) else cls.from_file(policy)
+        """A Policy as it is, a shipped policy by name (``"eu"``), or a policy file (cached by path, size and mtime)."""
+        if isinstance(policy, Policy):
+            return policy
+        if not isinstance(policy, (str, Path)):
+            raise PolicyError(f"a policy is a Policy, a shipped policy's name ({', '.join(shipped_policies()) or 'none ship'}) or a file path, "
+                              f"not {type(policy).__name__}")
+        return cls.from_file(_locate(str(policy)) if is_shipped_name(policy) else policy)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        """Read, merge (``extends``) and validate a policy file; a ``PolicyError`` names the file and the field."""
+        p = Path(path).expanduser()
+        key = _stat_key(p)
+        with _lock:
+            hit = _cache.get(key) if key else None
+            if hit is not None and all(_stat_key(Path(f)) == k for f, k in hit[1]):
+                return hit[0]
+        merged, chain = _merged(p, depth=0, seen=())
+        source = str(p) if len(chain) == 1 else f"{p} (merged with {', '.join(f for f, _ in chain[1:])})"
+        out = cls.from_dict(merged, source=source, base_dir=str(p.resolve().parent), chain=tuple(chain))
+        if key:
+            with _lock:
+                _cache[key] = (out, [(f, _stat_key(Path(f))) for f, _ in chain])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>", base_dir: str | None = None, chain: tuple[tuple[str, str], ...] = ()) -> Policy:
+        if not isinstance(data, dict):
+            raise PolicyError(f"{source}: a policy is a mapping, not {type(data).__name__}")
+        if _is_v1(data):
+            data = _from_v1(data, source)
+        if data.get("extends") is not None and not chain:
+            raise PolicyError(f"{source}: 'extends' is resolved when loading a file; use Policy.from_file or Policy.load")
+        data = {**data, "categories": _with_base(data.get("categories"), base_dir)}
+        try:
+            return cls.model_validate({**data, "base_dir": base_dir, "chain": chain})
+        except ValidationError as exc:
+            raise PolicyError(describe_validation(exc, source, "policy")) from None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        import yaml
+
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False, allow_unicode=True)
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
         p.write_text(self.to_yaml(), encoding="utf-8")
         return p
 
-    # ------------------------------------------------------------------------------------------ identity
-    def vector_path(self, action: VectorAction) -> Path:
-        p = Path(action.file)
-        return p if p.is_absolute() else Path(self.base_dir or ".") / p
-
-    @property
+    # ---------------------------------------------------------------------------------------- identity
+    @cached_property
     def content_hash(self) -> str:
-        """SHA-256 of the canonical policy (provenance included) and of every vector file it uses."""
+        """SHA-256 of the resolved policy, of every file in its ``extends`` chain and of the vector files its
+        explicit blocks use. (The pack and the SAE weights join it when it is compiled for a model.)"""
         h = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
-        for c in self.categories:
-            for a in c.steer:
+        for _, digest in self.chain:
+            h.update(digest.encode())
+        for slug, r in sorted(self.categories.items()):
+            for a in r.steer or ():
                 if isinstance(a, VectorAction):
-                    path = self.vector_path(a)
+                    path = self.vector_path(slug, a)
                     h.update(path.read_bytes() if path.is_file() else b"<missing>")
         return h.hexdigest()
 
@@ -246,60 +308,192 @@ class Policy(_Strict):
     def short_hash(self) -> str:
         return self.content_hash[:12]
 
+    def vector_path(self, category: str, action: VectorAction) -> Path:
+        r = self.categories[category]
+        return contained_path(r.base_dir or self.base_dir or ".", action.file, where=f"policy {self.name!r}: categories.{category}.steer")
+
+    def rule(self, category: str) -> CategoryRule:
+        if category not in self.categories:
+            raise PolicyError(f"policy {self.name!r} has no category {category!r}; it has {sorted(self.categories)}")
+        return self.categories[category]
+
+    def response_of(self, category: str) -> str:
+        return self.rule(category).response or self.defaults.response
+
+    def sensitivity_of(self, category: str) -> str | float:
+        """A level name, or the rule's own max_false_positive_rate; ``explicit`` for an explicit detect block."""
+        r = self.rule(category)
+        if r.detect is not None:
+            return "explicit"
+        if r.max_false_positive_rate is not None:
+            return r.max_false_positive_rate
+        return r.sensitivity or self.defaults.sensitivity
+
+    def message_of(self, category: str) -> str:
+        return self.rule(category).message or self.defaults.message
+
     @property
-    def active_categories(self) -> list[Category]:
-        return [c for c in self.categories if c.enabled]
-
-    def category(self, category_id: str) -> Category:
-        for c in self.categories:
-            if c.id == category_id:
-                return c
-        raise KeyError(f"policy {self.name!r} has no category {category_id!r}; it has {[c.id for c in self.categories]}")
-
-    def layers(self) -> set[int]:
-        """Every layer the policy detects or steers at."""
-        out: set[int] = set()
-        for c in self.active_categories:
-            out.add(c.detect.layer)
-            out.update(a.layer for a in c.steer)
-        return out
+    def enforced(self) -> list[str]:
+        """Category ids whose response is not ``off``."""
+        return [c for c in self.categories if self.response_of(c) != "off"]
 
     def __repr__(self) -> str:
-        return f"Policy(name={self.name!r}, version={self.version!r}, mode={self.mode!r}, categories={[c.id for c in self.categories]}, hash={self.short_hash})"
-
-    # ------------------------------------------------------------------------------------------- checks
-    def check_against(self, *, model_name: str, num_layers: int, saes: Any, source: str | None = None) -> None:
-        """Raise ``PolicyError`` unless every layer and feature exists for this model and SAE set."""
-        where = source or f"policy {self.name!r}"
-        if _canon(self.model) != _canon(model_name):
-            raise PolicyError(f"{where}: field 'model' is {self.model!r}, but the loaded model is {model_name!r}")
-        for i, c in enumerate(self.categories):
-            refs: list[tuple[str, int, int | None]] = [(f"categories[{i}].detect", c.detect.layer, f) for f in c.detect.features]
-            for j, a in enumerate(c.steer):
-                refs.append((f"categories[{i}].steer[{j}]", a.layer, getattr(a, "feature", None)))
-            for field_path, layer, feature in refs:
-                if not 0 <= layer < num_layers:
-                    raise PolicyError(f"{where}: {field_path}.layer is {layer}, but the model has layers 0..{num_layers - 1}")
-                if feature is None:
-                    continue
-                if layer not in saes:
-                    raise PolicyError(f"{where}: {field_path} uses SAE features at layer {layer}, but SAEs are loaded at layers {sorted(saes)}")
-                sae = saes[layer]
-                if sae.release != self.sae:
-                    raise PolicyError(f"{where}: field 'sae' is {self.sae!r}, but the SAE at layer {layer} is {sae.release!r}")
-                if not 0 <= feature < sae.d_sae:
-                    raise PolicyError(f"{where}: {field_path} names feature {feature}, but the SAE at layer {layer} has features 0..{sae.d_sae - 1}")
-            for j, a in enumerate(c.steer):
-                if isinstance(a, VectorAction) and not self.vector_path(a).is_file():
-                    raise PolicyError(f"{where}: categories[{i}].steer[{j}].file {a.file!r} does not exist (looked at {self.vector_path(a)})")
+        ext = f", extends={self.extends!r}" if self.extends else ""
+        return f"Policy(name={self.name!r}, version={self.version!r}{ext}, mode={self.mode!r}, categories={len(self.categories)}, hash={self.short_hash})"
 
 
-def _canon(name: str) -> str:
-    return name.rsplit("/", 1)[-1].lower()
+# --------------------------------------------------------------------------------------------- files
+_cache: dict[tuple[str, int, int], tuple[Policy, list[tuple[str, Any]]]] = {}
+_lock = threading.Lock()
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 
 
-def _describe(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid policy ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
+def _stat_key(p: Path) -> tuple[str, int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return (str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def is_shipped_name(text: Any) -> bool:
+    """A string that names a shipped policy rather than a path (``"eu"``, not ``"eu.yaml"`` or ``"./eu"``)."""
+    return isinstance(text, str) and bool(_NAME.match(text)) and not Path(text).exists()
+
+
+def shipped_dir() -> Path:
+    """Where the shipped policies live (the package ``safeguard.policies``; ``policies/`` in a source tree)."""
+    try:
+        found = Path(str(resources.files("safeguard.policies")))
+        if found.is_dir() and any(found.glob("*.yaml")):
+            return found
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / "policies"
+
+
+def shipped_policies() -> list[str]:
+    """Names of the policies that ship with safeguard (``Policy.load("eu")``)."""
+    return sorted(p.stem for p in shipped_dir().glob("*.yaml"))
+
+
+def _locate(name: str) -> Path:
+    path = shipped_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise PolicyError(f"no shipped policy is named {name!r}; shipped: {shipped_policies()}; or pass a path to a policy file")
+    return path
+
+
+_TOP = {"schema_version", "name", "version", "description", "extends", "taxonomy", "mode", "defaults", "shadow", "categories", "model", "sae", "provenance"}
+
+
+def _merged(p: Path, *, depth: int, seen: tuple[str, ...]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The file's mapping merged over the policy it extends, and the chain of (file, sha256) leaf first."""
+    data, raw = read_yaml(p, what="policy", max_bytes=MAX_POLICY_BYTES)
+    if not isinstance(data, dict):
+        raise PolicyError(f"{p}: a policy file holds a mapping with keys name, version, taxonomy, categories, ... (got {type(data).__name__})")
+    if _is_v1(data):
+        return _from_v1(data, str(p)), [(str(p), hashlib.sha256(raw).hexdigest())]
+    unknown = sorted(str(k) for k in data if k not in _TOP)
+    if unknown:
+        raise PolicyError(f"{p}: unknown field(s) {unknown} (check their spelling; valid: {sorted(_TOP)})")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise PolicyError(f"{p}: schema_version is {data.get('schema_version')!r}; this safeguard reads 2 (and 1, explicit policies)")
+    cats = data.get("categories")
+    if cats is not None and not isinstance(cats, dict):
+        raise PolicyError(f"{p}: categories is a mapping of taxonomy slug to its settings (got {type(cats).__name__})")
+    data = {**data, "categories": _with_base(cats, str(p.resolve().parent))}
+    chain = [(str(p), hashlib.sha256(raw).hexdigest())]
+    parent = data.get("extends")
+    if parent is None:
+        return data, chain
+    if not isinstance(parent, str) or not parent:
+        raise PolicyError(f"{p}: extends names a shipped policy or a path relative to this file")
+    if depth >= _MAX_EXTENDS:
+        raise PolicyError(f"{p}: extends chain is longer than {_MAX_EXTENDS} files")
+    if _NAME.match(parent) and not (p.parent / parent).is_file():
+        parent_path = _locate(parent)
+    else:
+        parent_path = contained_path(p.parent, parent, where=f"{p}: extends")
+    if str(parent_path.resolve()) in seen or parent_path.resolve() == p.resolve():
+        raise PolicyError(f"{p}: extends {parent!r} forms a cycle")
+    base, base_chain = _merged(parent_path, depth=depth + 1, seen=(*seen, str(p.resolve())))
+    if "taxonomy" in data and base.get("taxonomy") is not None and data["taxonomy"] != base["taxonomy"]:
+        raise PolicyError(f"{p}: taxonomy {data['taxonomy']} differs from that of {parent!r} ({base['taxonomy']}); category ids are not "
+                          "comparable across taxonomies")
+    merged: dict[str, Any] = {k: v for k, v in base.items() if k not in ("name", "version", "description", "provenance", "shadow")}
+    merged["description"] = base.get("description", "")
+    for k, v in data.items():
+        if k == "defaults" and isinstance(v, dict) and isinstance(base.get("defaults"), dict):
+            merged[k] = {**base["defaults"], **v}
+        elif k == "categories":
+            out = dict(base.get("categories") or {})
+            for slug, rule in (v or {}).items():
+                if isinstance(rule, dict) and isinstance(out.get(slug), dict):
+                    r = {**out[slug], **rule}
+                    if "sensitivity" in rule:  # a child's named level replaces the parent's explicit rate, and back
+                        r.pop("max_false_positive_rate", None) if "max_false_positive_rate" not in rule else None
+                    if "max_false_positive_rate" in rule and "sensitivity" not in rule:
+                        r.pop("sensitivity", None)
+                    out[slug] = r
+                else:
+                    out[slug] = rule
+            merged[k] = out
+        else:
+            merged[k] = v
+    return merged, chain + base_chain
+
+
+def _with_base(cats: Any, base_dir: str | None) -> Any:
+    """Record, in each rule that gives ``steer``, the folder its vector files resolve against."""
+    if not isinstance(cats, dict):
+        return cats
+    out = {}
+    for slug, rule in cats.items():
+        if isinstance(rule, dict) and "base_dir" in rule and not isinstance(rule.get("steer"), list):
+            raise PolicyError(f"categories.{slug}.base_dir: unknown field (check its spelling; unknown keys are refused)")
+        if isinstance(rule, dict) and rule.get("steer") and "base_dir" not in rule and base_dir is not None:
+            rule = {**rule, "base_dir": base_dir}
+        out[slug] = rule
+    return out
+
+
+def _is_v1(data: dict[str, Any]) -> bool:
+    return data.get("schema_version") == 1 or ("schema_version" not in data and isinstance(data.get("categories"), list))
+
+
+def _from_v1(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A version-1 policy (explicit detect/steer per category, as a list) in the version-2 shape."""
+    cats = data.get("categories")
+    if not isinstance(cats, list):
+        raise PolicyError(f"{source}: a version-1 policy's categories is a list (got {type(cats).__name__})")
+    out: dict[str, Any] = {}
+    allowed = {"id", "label", "taxonomy_code", "response", "detect", "steer", "enabled"}
+    for i, c in enumerate(cats):
+        if not isinstance(c, dict) or "id" not in c:
+            raise PolicyError(f"{source}: categories[{i}] needs an 'id'")
+        extra = sorted(str(k) for k in c if k not in allowed)
+        if extra:
+            raise PolicyError(f"{source}: categories[{i}].{extra[0]}: unknown field (check its spelling; unknown keys are refused)")
+        cid = c["id"]
+        if not isinstance(cid, str) or cid in out:
+            raise PolicyError(f"{source}: categories[{i}].id {cid!r} must be a string that appears once")
+        if "detect" not in c:
+            raise PolicyError(f"{source}: categories[{i}].detect: field required")
+        rule = {k: v for k, v in c.items() if k not in ("id", "enabled")}
+        rule.setdefault("steer", [])
+        if c.get("enabled", True) is False:
+            rule["response"] = "off"
+        out[cid] = rule
+    if not out:
+        raise PolicyError(f"{source}: categories: at least one category is needed")
+    top = {k: v for k, v in data.items() if k != "categories"}
+    return {**top, "schema_version": SCHEMA_VERSION, "categories": out}
+
+
+def describe_validation(exc: ValidationError, source: str, what: str) -> str:
+    """A pydantic error as lines of ``field.path: what was wrong`` (never the offending values)."""
+    lines = [f"{source}: invalid {what} ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
     for err in exc.errors():
         path = _loc(err["loc"])
         msg = err["msg"]
@@ -307,7 +501,9 @@ def _describe(exc: ValidationError, source: str) -> str:
             msg = "unknown field (check its spelling; unknown keys are refused)"
         elif err["type"] == "missing":
             msg = "field required"
-        elif "expected" in err.get("ctx", {}):
+        elif err["type"] == "finite_number":
+            msg = "must be a finite number (NaN and infinity are refused)"
+        elif "expected" in err.get("ctx", {}) and err["type"] != "literal_error":
             msg = f"{msg} (valid: {err['ctx']['expected']})"
         lines.append(f"  - {path}: {msg}")
     return "\n".join(lines)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .steering import Decision, RunState
+from .steering import Decision, RunState, _action
 
-__all__ = ["AppliedSteering", "Decision", "GenerationResult", "SteeringReport"]
+__all__ = ["AppliedSteering", "Decision", "GenerationResult", "ShadowReport", "SteeringReport"]
 
 
 @dataclass(frozen=True)
@@ -27,18 +27,43 @@ class AppliedSteering:
 
 
 @dataclass(frozen=True)
+class ShadowReport:
+    """What a shadow policy would have done on a request: scored from the same activations, never acted on."""
+
+    policy_name: str
+    policy_version: str
+    policy_hash: str
+    decisions: tuple[Decision, ...] = ()
+    action: str = "none"
+    """What it would have done: ``block``, ``refuse``, ``redirect``, ``monitor`` or ``none``."""
+
+    @property
+    def fired(self) -> tuple[str, ...]:
+        return tuple(d.category for d in self.decisions if d.fired)
+
+
+@dataclass(frozen=True)
 class SteeringReport:
-    """The truth about one request: the policy that decided, every category's verdict, the steering applied."""
+    """The truth about one request: the policy and pack that decided, every category's verdict, what was done."""
 
     policy_name: str | None
     policy_version: str | None
     policy_hash: str | None
+    """Covers every byte that changes behaviour: the policy and its extends chain, the pack, vector files, SAE weights."""
     mode: str
-    """``enforce``, ``monitor`` (decided, never steered) or ``off`` (steer=False or no policy)."""
+    """``enforce``, ``monitor`` (decided, never acted) or ``off`` (steer=False or no policy)."""
     decisions: tuple[Decision, ...] = ()
     applied: tuple[AppliedSteering, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds: ``total`` for the call, ``detect`` spent scoring categories (shared by a batch's rows)."""
+    pack_id: str | None = None
+    pack_hash: str | None = None
+    action: str = "none"
+    """``block`` (answered with ``message``, nothing generated), ``refuse``, ``redirect``, ``monitor`` (fired, not
+    acted on) or ``none``."""
+    message: str | None = None
+    """The block message, when ``action == "block"``."""
+    shadow: tuple[ShadowReport, ...] = ()
 
     @property
     def fired(self) -> tuple[str, ...]:
@@ -49,12 +74,18 @@ class SteeringReport:
     def steered(self) -> bool:
         return bool(self.applied)
 
+    @property
+    def blocked(self) -> bool:
+        return self.action == "block"
+
     def scores(self) -> dict[str, float]:
         return {d.category: d.score for d in self.decisions}
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["fired"] = list(self.fired)
+        for sh, d in zip(self.shadow, out["shadow"], strict=True):
+            d["fired"] = list(sh.fired)
         return out
 
     @classmethod
@@ -63,10 +94,14 @@ class SteeringReport:
 
     @classmethod
     def from_run(cls, run: RunState, row: int, total: float) -> SteeringReport:
+        shadows = tuple(
+            ShadowReport(sp.policy.name, sp.policy.version, sp.hash, _decisions(sp, decided), _action(sp, decided))
+            for sp in (run.shadows[row] if run.shadows is not None else ())
+            for decided in [run.shadow_decisions[row].get(id(sp), {})]
+        )
         p = run.policies[row]
         if p is None:
-            return cls.off(total)
-        decisions = tuple(run.decisions[row][c.id] for c in p.categories if c.id in run.decisions[row])
+            return cls(None, None, None, "off", timings={"total": total}, shadow=shadows)
         applied: list[AppliedSteering] = []
         for category, a in run.applied_actions(row):  # exactly what the engine applies
             s = a.spec
@@ -76,15 +111,25 @@ class SteeringReport:
                 applied.append(AppliedSteering(category, "clamp", s.layer, s.positions, feature=s.feature, value=s.value))
             else:
                 applied.append(AppliedSteering(category, "vector", s.layer, s.positions, strength=s.strength, vector=f"{s.file}#{s.key}"))
+        blocked = run.blocked(row)
         return cls(
             policy_name=p.policy.name,
             policy_version=p.policy.version,
             policy_hash=p.hash,
-            mode=p.policy.mode,
-            decisions=decisions,
+            mode=p.mode,
+            decisions=_decisions(p, run.decisions[row]),
             applied=tuple(applied),
             timings={"total": total, "detect": run.detect_seconds},
+            pack_id=p.pack.id if p.pack else None,
+            pack_hash=p.pack.content_hash if p.pack else None,
+            action=run.action(row),
+            message=blocked.message if blocked is not None else None,
+            shadow=shadows,
         )
+
+
+def _decisions(p: Any, decided: dict[str, Decision]) -> tuple[Decision, ...]:
+    return tuple(decided[c.id] for c in p.categories if c.id in decided)
 
 
 @dataclass(frozen=True)
@@ -96,7 +141,8 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
-    """``stop`` (end of turn or a stop string) or ``length`` (max_new_tokens reached)."""
+    """``stop`` (end of turn or a stop string), ``length`` (max_new_tokens reached) or ``content_filter`` (a
+    ``block`` category fired: ``text`` is its message and nothing was generated)."""
 
     def __str__(self) -> str:
         return self.text

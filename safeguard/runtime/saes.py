@@ -18,6 +18,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 
 from .._hub import is_cached, require_hub
 from ..errors import SAEError
+from .names import same_model
 
 __all__ = [
     "BUNDLED_RELEASE",
@@ -64,10 +66,6 @@ def layer_of_hook(hook_name: str) -> int:
     )
 
 
-def _norm_model_name(name: str) -> str:
-    return name.rsplit("/", 1)[-1].lower().replace("meta-llama-3", "llama-3")
-
-
 @dataclass(eq=False)
 class LoadedSAE:
     """An sae-lens SAE with what safeguard needs to know about it."""
@@ -95,6 +93,19 @@ class LoadedSAE:
     def architecture(self) -> str:
         return str(self.sae.cfg.architecture())
 
+    @cached_property
+    def identity(self) -> str:
+        """SHA-256 of the SAE's architecture, hook and every weight's bytes, computed once: a policy's hash changes
+        when the weights it reads do, even under the same release name."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.architecture}|{self.hook_name}|{self.d_in}|{self.d_sae}".encode())
+        for name, t in sorted(self.sae.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def decoder_rows(self, features: Sequence[int]) -> torch.Tensor:
         """Decoder directions of ``features``, shape (k, d_in), as stored (not renormalised)."""
         return self.sae.W_dec.detach()[list(features)].float()
@@ -119,7 +130,7 @@ class LoadedSAE:
                 f"SAE {self.release!r} does not declare its model; it fits {model_name!r} by shape only",
                 stacklevel=3,
             )
-        elif _norm_model_name(self.model_name) != _norm_model_name(model_name):
+        elif not same_model(self.model_name, model_name):
             raise SAEError(
                 f"SAE {self.release!r} was trained on {self.model_name!r}, not on the loaded model {model_name!r}"
             )

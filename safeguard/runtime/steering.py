@@ -15,6 +15,7 @@ in the same batch. Each row may carry its own compiled policy (or none). Hooks l
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,9 @@ from typing import Any
 import torch
 
 from ..errors import PolicyError
+from ._files import contained_path
+from .compile import ResolvedPolicy, resolve
+from .names import same_model
 from .policy import AddAction, ClampAction, Policy, VectorAction
 from .saes import FeatureEncoder, SAESet
 
@@ -107,6 +111,7 @@ class _Category:
     weights: torch.Tensor | None
     actions: list[_Action]
     order: str = "combine_first"
+    message: str | None = None
 
     def score(self, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return detection_score(acts, mask, weights=self.weights, combine=self.combine, reduce=self.reduce, order=self.order)
@@ -135,31 +140,65 @@ def detection_score(acts: torch.Tensor, mask: torch.Tensor, *, weights: torch.Te
 
 
 class CompiledPolicy:
-    """A policy turned into tensors for one model's SAEs, device and dtype. Compiling checks everything a
-    policy can get wrong against the loaded model, so a swap either fully succeeds or changes nothing."""
+    """A resolved policy turned into tensors for one model's SAEs, device and dtype. Compiling checks everything a
+    policy and its pack can get wrong against the loaded model, so a swap either fully succeeds or changes nothing.
 
-    def __init__(self, policy: Policy, saes: SAESet, *, model_name: str, num_layers: int, device: torch.device, dtype: torch.dtype):
-        policy.check_against(model_name=model_name, num_layers=num_layers, saes=saes)
-        self.policy = policy
-        self.hash = policy.content_hash
-        self.enforce = policy.mode == "enforce"
+    ``hash`` covers every byte that changes behaviour: the policy and its extends chain, the pack and its vector
+    files, and the identity of the SAE weights it reads. ``monitor=True`` compiles it to decide and never act."""
+
+    def __init__(self, policy: Policy | ResolvedPolicy, saes: SAESet, *, model_name: str, num_layers: int, device: torch.device,
+                 dtype: torch.dtype, monitor: bool = False):
+        resolved = policy if isinstance(policy, ResolvedPolicy) else resolve(policy, None)
+        self.resolved = resolved
+        self.policy = resolved.policy
+        self.pack = resolved.pack
+        where = f"policy {self.policy.name!r}" + (f" with pack {self.pack.id!r}" if self.pack else "")
+        if resolved.model is not None and not same_model(resolved.model, model_name):
+            raise PolicyError(f"{where}: made for model {resolved.model!r}, but the loaded model is {model_name!r}")
+        self._check(resolved, saes, num_layers, where)
+        self.enforce = self.policy.mode == "enforce" and not monitor
+        self.mode = "enforce" if self.enforce else "monitor"
         by_layer: dict[int, list[int]] = {}
-        for c in policy.active_categories:
+        for c in resolved.categories:
             feats = by_layer.setdefault(c.detect.layer, [])
             feats.extend(f for f in c.detect.features if f not in feats)
         self.encoders = {layer: saes[layer].encoder(feats).to(device) for layer, feats in by_layer.items()}
         self.categories: list[_Category] = []
-        for c in policy.active_categories:
-            union = by_layer[c.detect.layer]
-            index = torch.tensor([union.index(f) for f in c.detect.features], device=device)
-            weights = torch.tensor(c.detect.weights, device=device) if c.detect.weights is not None else None
-            actions = [self._compile_action(a, saes, device, dtype) for a in c.steer]
-            self.categories.append(_Category(c.id, c.label, c.response, c.detect.layer, c.detect.threshold,
-                                             c.detect.combine, c.detect.reduce, index, weights, actions, c.detect.order))
+        for c in resolved.categories:
+            d = c.detect
+            union = by_layer[d.layer]
+            index = torch.tensor([union.index(f) for f in d.features], device=device)
+            weights = torch.tensor(d.weights, device=device) if d.weights is not None else None
+            actions = [self._compile_action(a, base, saes, device, dtype, where) for a, base in c.steer]
+            self.categories.append(_Category(c.id, c.label, c.response, d.layer, d.threshold, d.combine, d.reduce, index, weights, actions,
+                                             d.order, c.message))
         self.detect_layers = sorted(by_layer)
         self.steer_layers = sorted({a.layer for c in self.categories for a in c.actions})
+        h = hashlib.sha256(resolved.hash.encode())
+        for layer in sorted(set(self.detect_layers) | set(self.steer_layers)):
+            if layer in saes:
+                h.update(f"{layer}:{saes[layer].identity}".encode())
+        self.hash = h.hexdigest()
 
-    def _compile_action(self, a: Any, saes: SAESet, device: torch.device, dtype: torch.dtype) -> _Action:
+    @staticmethod
+    def _check(resolved: ResolvedPolicy, saes: SAESet, num_layers: int, where: str) -> None:
+        for c in resolved.categories:
+            refs: list[tuple[str, int, int | None]] = [(f"categories.{c.id}.detect", c.detect.layer, f) for f in c.detect.features]
+            refs += [(f"categories.{c.id}.steer[{j}]", a.layer, getattr(a, "feature", None)) for j, (a, _) in enumerate(c.steer)]
+            for field_path, layer, feature in refs:
+                if not 0 <= layer < num_layers:
+                    raise PolicyError(f"{where}: {field_path}.layer is {layer}, but the model has layers 0..{num_layers - 1}")
+                if feature is None:
+                    continue
+                if layer not in saes:
+                    raise PolicyError(f"{where}: {field_path} uses SAE features at layer {layer}, but SAEs are loaded at layers {sorted(saes)}")
+                sae = saes[layer]
+                if resolved.sae is not None and sae.release != resolved.sae:
+                    raise PolicyError(f"{where}: its features index SAE {resolved.sae!r}, but the SAE at layer {layer} is {sae.release!r}")
+                if not 0 <= feature < sae.d_sae:
+                    raise PolicyError(f"{where}: {field_path} names feature {feature}, but the SAE at layer {layer} has features 0..{sae.d_sae - 1}")
+
+    def _compile_action(self, a: Any, base: str | None, saes: SAESet, device: torch.device, dtype: torch.dtype, where: str) -> _Action:
         if isinstance(a, AddAction):
             row = saes[a.layer].decoder_rows([a.feature])[0]
             return _Action(a, a.layer, a.positions, vector=(row / row.norm() * a.strength).to(device, dtype))
@@ -169,17 +208,21 @@ class CompiledPolicy:
             return _Action(a, a.layer, a.positions, encoder=enc, dec_row=row, value=a.value)
         from safetensors.torch import load_file
 
-        path = self.policy.vector_path(a)
+        path = contained_path(base or ".", a.file, where=f"{where}: vector file")
+        if not path.is_file():
+            raise PolicyError(f"{where}: vector file {a.file!r} does not exist (looked at {path})")
         try:
             tensors = load_file(str(path))
         except Exception as exc:
-            raise PolicyError(f"policy {self.policy.name!r}: cannot read vector file {path}: {exc}") from exc
+            raise PolicyError(f"{where}: cannot read vector file {path}: {type(exc).__name__}") from None
         if a.key not in tensors:
-            raise PolicyError(f"policy {self.policy.name!r}: vector file {path} has no key {a.key!r}; keys: {sorted(tensors)}")
+            raise PolicyError(f"{where}: vector file {path} has no key {a.key!r}; keys: {sorted(tensors)}")
         vec = tensors[a.key].float().flatten()
         d = next(iter(saes.values())).d_in if len(saes) else vec.numel()
         if vec.numel() != d:
-            raise PolicyError(f"policy {self.policy.name!r}: vector {a.key!r} in {path} has {vec.numel()} values, the model's hidden size is {d}")
+            raise PolicyError(f"{where}: vector {a.key!r} in {path} has {vec.numel()} values, the model's hidden size is {d}")
+        if not torch.isfinite(vec).all():
+            raise PolicyError(f"{where}: vector {a.key!r} in {path} holds NaN or infinite values")
         return _Action(a, a.layer, a.positions, vector=(vec * a.strength).to(device, dtype))
 
     def layers(self) -> set[int]:
@@ -209,7 +252,11 @@ class RunState:
     """(B, P) True on the user's tokens: detection reads only these."""
     attention_mask: torch.Tensor
     """(B, P) of the padded prompt: prompt-position steering skips padding."""
+    shadows: Sequence[Sequence[CompiledPolicy]] | None = None
+    """Per row, policies whose detectors are scored from the same activations and reported, never acted on."""
     decisions: list[dict[str, Decision]] = field(default_factory=list)
+    shadow_decisions: list[dict[int, dict[str, Decision]]] = field(default_factory=list)
+    """Per row: id(shadow policy) -> its decisions."""
     detect_seconds: float = 0.0
     calls: int = 0
     _start: int = 0
@@ -222,7 +269,10 @@ class RunState:
     def __post_init__(self) -> None:
         if self.user_mask.shape != self.attention_mask.shape or self.user_mask.shape[0] != len(self.policies):
             raise ValueError("user_mask, attention_mask and policies must agree on the batch size and prompt length")
+        if self.shadows is not None and len(self.shadows) != len(self.policies):
+            raise ValueError("shadows must give one (possibly empty) list of policies per row")
         self.decisions = [{} for _ in self.policies]
+        self.shadow_decisions = [{} for _ in self.policies]
 
     @property
     def batch_size(self) -> int:
@@ -237,10 +287,21 @@ class RunState:
         for p in self.policies:
             if p is not None:
                 out |= p.layers()
-        return out
+        return out | self.shadow_layers()
+
+    def shadow_layers(self) -> set[int]:
+        return {layer for row in (self.shadows or ()) for p in row for layer in p.detect_layers}
 
     def fired(self, row: int) -> list[str]:
         return [c for c, d in self.decisions[row].items() if d.fired]
+
+    def blocked(self, row: int) -> _Category | None:
+        """The first fired ``block`` category of an enforcing policy: the row is answered with its message."""
+        return _blocking(self.policies[row], self.decisions[row])
+
+    def action(self, row: int) -> str:
+        """What happened to ``row``: ``block``, ``refuse``, ``redirect``, ``monitor`` (fired, nothing acted) or ``none``."""
+        return _action(self.policies[row], self.decisions[row])
 
     # ------------------------------------------------------------------------------------------- hooks
     def _begin_call(self, seq: int) -> None:
@@ -262,20 +323,24 @@ class RunState:
 
     def _detect(self, layer: int, h: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        groups: dict[int, tuple[CompiledPolicy, list[int]]] = {}
+        groups: dict[int, tuple[CompiledPolicy, list[tuple[int, dict[str, Decision]]]]] = {}
         for row, p in enumerate(self.policies):
             if p is not None and layer in p.encoders:
-                groups.setdefault(id(p), (p, []))[1].append(row)
-        for p, rows in groups.values():
-            idx = torch.tensor(rows, device=h.device)
+                groups.setdefault(id(p), (p, []))[1].append((row, self.decisions[row]))
+            for sp in (self.shadows[row] if self.shadows is not None else ()):
+                if layer in sp.encoders:
+                    sink = self.shadow_decisions[row].setdefault(id(sp), {})
+                    groups.setdefault(id(sp), (sp, []))[1].append((row, sink))
+        for p, entries in groups.values():
+            idx = torch.tensor([row for row, _ in entries], device=h.device)
             mask = self.user_mask.to(h.device)[idx]
             acts = p.encoders[layer](h[idx])  # (n, P, k)
             for c in p.categories:
                 if c.layer != layer:
                     continue
                 scores = c.score(acts[..., c.index], mask)
-                for row, s in zip(rows, scores.tolist(), strict=True):
-                    self.decisions[row][c.id] = Decision(c.id, c.label, c.response, s, c.threshold, s >= c.threshold, layer)
+                for (_, sink), s in zip(entries, scores.tolist(), strict=True):
+                    sink[c.id] = Decision(c.id, c.label, c.response, s, c.threshold, s >= c.threshold, layer)
         self.detect_seconds += time.perf_counter() - t0
 
     def steering_categories(self, row: int) -> list[_Category]:
@@ -283,12 +348,9 @@ class RunState:
         category fired, the ``redirect`` categories that fired too do not steer (their vectors would pull the
         reply back towards answering)."""
         p = self.policies[row]
-        if p is None:
+        if p is None or self.blocked(row) is not None:
             return []
-        fired = [c for c in p.categories if (d := self.decisions[row].get(c.id)) is not None and d.fired]
-        if any(c.response == "refuse" for c in fired):
-            fired = [c for c in fired if c.response != "redirect"]
-        return fired
+        return _steering(p, self.decisions[row])
 
     def applied_actions(self, row: int) -> list[tuple[str, _Action]]:
         """(category id, action) for every action that steers ``row``: those of its steering categories, an
@@ -385,6 +447,41 @@ class RunState:
         return fn
 
 
+def _fired(p: CompiledPolicy, decisions: dict[str, Decision]) -> list[_Category]:
+    return [c for c in p.categories if (d := decisions.get(c.id)) is not None and d.fired]
+
+
+def _blocking(p: CompiledPolicy | None, decisions: dict[str, Decision]) -> _Category | None:
+    if p is None or not p.enforce:
+        return None
+    return next((c for c in _fired(p, decisions) if c.response == "block"), None)
+
+
+def _steering(p: CompiledPolicy, decisions: dict[str, Decision]) -> list[_Category]:
+    """Fired categories that steer. Refusal outranks redirection: when a ``refuse`` category fired, the
+    ``redirect`` categories that fired too do not steer (their vectors would pull the reply back towards answering)."""
+    fired = [c for c in _fired(p, decisions) if c.response in ("refuse", "redirect")]
+    if any(c.response == "refuse" for c in fired):
+        fired = [c for c in fired if c.response != "redirect"]
+    return fired
+
+
+def _action(p: CompiledPolicy | None, decisions: dict[str, Decision]) -> str:
+    """``block`` > ``refuse`` > ``redirect`` among fired categories of an enforcing policy; ``monitor`` when
+    something fired but nothing acts (monitor mode or ``monitor`` categories); else ``none``."""
+    if p is None:
+        return "none"
+    fired = _fired(p, decisions)
+    if not fired:
+        return "none"
+    if not p.enforce:
+        return "monitor"
+    for response in ("block", "refuse", "redirect"):
+        if any(c.response == response for c in fired):
+            return response
+    return "monitor"
+
+
 # ---------------------------------------------------------------------------------------- attaching
 class SteeringHandle:
     """Hooks registered for one run. ``remove()`` takes every one of them off (idempotent)."""
@@ -425,7 +522,7 @@ def attach(model: Any, run: RunState) -> SteeringHandle:
             run._begin_call(int(x.shape[1]))
 
         handle._track(_decoder_stack(model).register_forward_pre_hook(count, with_kwargs=True))
-        detect = {layer for p in run.policies if p is not None for layer in p.detect_layers}
+        detect = {layer for p in run.policies if p is not None for layer in p.detect_layers} | run.shadow_layers()
         steer = {layer for p in run.policies if p is not None and p.enforce for layer in p.steer_layers}
         for layer in sorted(wanted):
             if layer in detect or layer in steer:
