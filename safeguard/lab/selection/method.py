@@ -471,4 +471,8 @@ def _pack_yaml(data: dict[str, Any]) -> str:
 
     header = ("# Detector pack written by `safeguard select`; do not edit by hand (run it again). What made it is in the provenance\n"
               "# file named below. Policies choose per category a response and a sensitivity level; see docs/policies.md.\n")
-    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None, width=160)
+    class NoAliases(yaml.SafeDumper):  # packs are read with anchors and aliases refused: never write one for a shared object
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return header + yaml.dump(data, Dumper=NoAliases, sort_keys=False, allow_unicode=True, default_flow_style=None, width=160)
