@@ -876,6 +876,7 @@ def eval_command(
     out: Annotated[Path | None, typer.Option(help="Report folder (default: docs/eval/<policy name>).")] = None,
     model: opt.Model = None,
     sae: opt.Sae = None,
+    pack: Annotated[Path | None, typer.Option(help="Detector pack (default: the one shipped for the model and SAE).")] = None,
     quantization: opt.Quantization = None,
     device: opt.Device = None,
     n_harmful: Annotated[int, typer.Option(help="Held-out harmful prompts.")] = 240,
@@ -905,9 +906,9 @@ def eval_command(
     pol = Policy.load(policy)
     command = "safeguard eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else ""
     if not command:
-        command = _reconstruct(policy, out, model, sae, quantization, n_harmful, n_benign, n_risky, n_blind_benign, n_blind_risky, n_capability,
+        command = _reconstruct(policy, out, model, sae, pack, quantization, n_harmful, n_benign, n_risky, n_blind_benign, n_blind_risky, n_capability,
                                n_jailbreak, n_jailbreak_benign, max_new_tokens, batch_size, seed)
-    llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, quantization=quantization, device=device)
+    llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, pack=pack, quantization=quantization, device=device)
     sets = eval_sets(n_harmful=n_harmful, n_benign=n_benign, n_risky=n_risky, n_blind_benign=n_blind_benign, n_blind_risky=n_blind_risky,
                      n_capability=n_capability, n_jailbreak=n_jailbreak, n_jailbreak_benign=n_jailbreak_benign, seed=seed)
     criteria = Criteria(min_harmful_increase, max_benign_increase, min_benign_identical)
@@ -925,7 +926,7 @@ def eval_command(
     typer.echo(f"\ncriteria {'met' if s['criteria']['passed'] else 'missed'}")
 
 
-def _reconstruct(policy: str, out: Path | None, model: str | None, sae: list[str] | None, quantization: str | None, n_harmful: int,
+def _reconstruct(policy: str, out: Path | None, model: str | None, sae: list[str] | None, pack: Path | None, quantization: str | None, n_harmful: int,
                  n_benign: int, n_risky: int, n_blind_benign: int, n_blind_risky: int, n_capability: int, n_jailbreak: int,
                  n_jailbreak_benign: int, max_new_tokens: int, batch_size: int, seed: int) -> str:
     args = ["safeguard", "eval", str(policy)]
@@ -935,6 +936,8 @@ def _reconstruct(policy: str, out: Path | None, model: str | None, sae: list[str
         args += ["--model", model]
     for s in sae or []:
         args += ["--sae", s]
+    if pack is not None:
+        args += ["--pack", str(pack)]
     if quantization is not None:
         args += ["--quantization", quantization]
     args += ["--n-harmful", str(n_harmful), "--n-benign", str(n_benign), "--n-risky", str(n_risky), "--n-blind-benign", str(n_blind_benign),
