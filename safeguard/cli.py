@@ -52,7 +52,7 @@ def _demo_prompts(n: int) -> tuple[list[str], list[str]]:
 def demo(
     n: Annotated[int, typer.Option(help="Prompts of each kind (harmful, harmless).")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 40,
-    policy: Annotated[Path | None, typer.Option(help="Policy file (default: the shipped default policy).")] = None,
+    policy: Annotated[str | None, typer.Option(help="Shipped policy name (default, eu, us) or policy file (default: default).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
 ) -> None:
     """Side by side: unsteered and steered replies to harmful and harmless prompts, with what fired."""
@@ -92,7 +92,7 @@ def demo(
 
 @app.command()
 def chat(
-    policy: Annotated[Path | None, typer.Option(help="Policy file (default: the shipped default policy).")] = None,
+    policy: Annotated[str | None, typer.Option(help="Shipped policy name (default, eu, us) or policy file (default: default).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 128,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
 ) -> None:
@@ -153,7 +153,7 @@ def chat(
 def classify(
     text: Annotated[list[str] | None, typer.Argument(help="Texts to screen (each one a user turn).")] = None,
     file: Annotated[Path | None, typer.Option(help="Screen every prompt of a .jsonl / .csv / .txt file instead.")] = None,
-    policy: Annotated[Path | None, typer.Option(help="Policy file (default: the shipped default policy).")] = None,
+    policy: Annotated[str | None, typer.Option(help="Shipped policy name (default, eu, us) or policy file (default: default).")] = None,
     model: opt.Model = None,
     sae: opt.Sae = None,
     quantization: opt.Quantization = None,
@@ -181,11 +181,19 @@ def classify(
         raise typer.Exit(1) from None
     for t, rep in zip(texts, reports, strict=True):
         if as_json:
-            typer.echo(json.dumps({"text": t, "fired": list(rep.fired),
-                                   "scores": {d.category: {"score": round(d.score, 4), "threshold": round(d.threshold, 4)} for d in rep.decisions}}))
+            typer.echo(json.dumps({"text": t, "fired": list(rep.fired), "action": rep.action,
+                                   "scores": {d.category: {"score": _finite(d.score), "threshold": _finite(d.threshold)} for d in rep.decisions}},
+                                  allow_nan=False))
         else:
             fired = ", ".join(f"{d.category} ({d.score:.2f} >= {d.threshold:.2f})" for d in rep.decisions if d.fired) or "nothing"
             typer.echo(f"{' '.join(t.split())[:100]}\n  fired: {fired}")
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN or infinity: a score that is not finite (a text without user tokens scores -inf) is null."""
+    import math
+
+    return round(x, 4) if math.isfinite(x) else None
 
 
 @app.command(
@@ -218,6 +226,15 @@ def _register_optional() -> None:
 
 
 _register_optional()
+
+
+def _register_policy() -> None:
+    from ._policy_cli import app as policy_app
+
+    app.add_typer(policy_app, name="policy")
+
+
+_register_policy()
 
 
 def main() -> None:

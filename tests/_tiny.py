@@ -65,3 +65,41 @@ def policy_dict(*, threshold: float = -1.0, steer=None, detect_layer: int = 1, m
 def hooks_on(model) -> int:
     """Number of forward hooks and pre-hooks anywhere on the model."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def write_tiny_pack(folder, *, redirect: bool = True):
+    """A detector pack for the tiny model and its SAEs (layers 1 and 2): ``cyber`` fires on every prompt at the
+    standard and strict levels (activations are >= 0 > -1) and never at relaxed; ``fraud`` never fires."""
+    from pathlib import Path
+
+    import yaml
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    if redirect:
+        save_file({"cyber": torch.randn(HIDDEN, generator=g), "fraud": torch.randn(HIDDEN, generator=g)}, str(folder / "pack.vectors.safetensors"))
+
+    def category(label, relaxed, standard, strict):
+        return {"label": label, "detect": {"layer": 1, "features": [3, 5], "combine": "max", "reduce": "max"},
+                "levels": {"relaxed": {"threshold": relaxed, "fpr": 0.0, "recall": 0.1}, "standard": {"threshold": standard, "fpr": 0.01, "recall": 0.5},
+                           "strict": {"threshold": strict, "fpr": 0.05, "recall": 0.9}},
+                "curve": [{"max_false_positive_rate": 0.0, "threshold": 1e9, "fpr": 0.0, "recall": 0.0},
+                          {"max_false_positive_rate": 0.02, "threshold": -1.0, "fpr": 0.02, "recall": 1.0}]}
+
+    pack = {"schema_version": 1, "id": "tiny-pack", "model": "tiny-llama", "sae": "tiny-sae", "taxonomy": {"name": "AIR-Bench", "version": "2024"},
+            "measured": True, "levels": {"relaxed": {"max_false_positive_rate": 0.0}, "standard": {"max_false_positive_rate": 0.01},
+                                         "strict": {"max_false_positive_rate": 0.05}},
+            "refusal": [{"kind": "add", "layer": 2, "feature": 7, "strength": 4.0}],
+            "categories": {"cyber": category("Cyber attacks", 1e9, -1.0, -1.0), "fraud": category("Fraud", 1e9, 1e9, 1e9)}}
+    if redirect:
+        pack["redirect"] = {"file": "pack.vectors.safetensors", "layer": 2, "strength": 2.0, "positions": "both"}
+    (folder / "pack.yaml").write_text(yaml.safe_dump(pack, sort_keys=False))
+    return folder / "pack.yaml"
+
+
+def policy_v2(**categories):
+    """A schema-2 policy over the tiny pack's categories (each rule a dict; default: both categories, standard)."""
+    return {"schema_version": 2, "name": "tiny2", "version": "1", "taxonomy": {"name": "AIR-Bench", "version": "2024"},
+            "categories": categories or {"cyber": {}, "fraud": {}}}

@@ -282,7 +282,8 @@ class Policy(Strict):
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False, allow_unicode=True)
+        body = self.model_dump(mode="json", exclude_defaults=True)
+        return yaml.safe_dump({"schema_version": self.schema_version, **body}, sort_keys=False, allow_unicode=True)
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -396,7 +397,7 @@ def _merged(p: Path, *, depth: int, seen: tuple[str, ...]) -> tuple[dict[str, An
         return _from_v1(data, str(p)), [(str(p), hashlib.sha256(raw).hexdigest())]
     unknown = sorted(str(k) for k in data if k not in _TOP)
     if unknown:
-        raise PolicyError(f"{p}: unknown field(s) {unknown} (check their spelling; valid: {sorted(_TOP)})")
+        raise PolicyError(f"{p}: unknown field(s) {[_key(k) for k in unknown]} (check their spelling; valid: {sorted(_TOP)})")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise PolicyError(f"{p}: schema_version is {data.get('schema_version')!r}; this safeguard reads 2 (and 1, explicit policies)")
     cats = data.get("categories")
@@ -412,7 +413,10 @@ def _merged(p: Path, *, depth: int, seen: tuple[str, ...]) -> tuple[dict[str, An
     if depth >= _MAX_EXTENDS:
         raise PolicyError(f"{p}: extends chain is longer than {_MAX_EXTENDS} files")
     if _NAME.match(parent) and not (p.parent / parent).is_file():
-        parent_path = _locate(parent)
+        try:
+            parent_path = _locate(parent)
+        except PolicyError as exc:
+            raise PolicyError(f"{p}: extends: {exc}") from None
     else:
         parent_path = contained_path(p.parent, parent, where=f"{p}: extends")
     if str(parent_path.resolve()) in seen or parent_path.resolve() == p.resolve():
@@ -509,6 +513,14 @@ def describe_validation(exc: ValidationError, source: str, what: str) -> str:
     return "\n".join(lines)
 
 
+_KEY = re.compile(r"^[A-Za-z_][\w\-]{0,63}$")
+
+
+def _key(part: Any) -> str:
+    """A key as it may appear in an error: a field-like name, else a placeholder (never file contents)."""
+    return str(part) if _KEY.match(str(part)) else "<a key that is not a field name>"
+
+
 def _loc(loc: Sequence[Any]) -> str:
     out = ""
     for part in loc:
@@ -517,5 +529,5 @@ def _loc(loc: Sequence[Any]) -> str:
         elif part in ("add", "clamp", "vector"):  # the discriminated union's branch name
             continue
         else:
-            out += f".{part}" if out else str(part)
+            out += f".{_key(part)}" if out else _key(part)
     return out or "<root>"
