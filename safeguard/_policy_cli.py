@@ -63,7 +63,8 @@ def _header(r: Any) -> list[str]:
     if p.description:
         lines.append(f"  {p.description}")
     if k is not None:
-        lines.append(f"pack {k.id}  hash {k.short_hash}  model {k.model}  sae {k.sae}  " + ("measured" if k.measured else "NOT MEASURED: thresholds are guesses"))
+        state = "measured" if k.measured else "NOT MEASURED: thresholds are guesses"
+        lines.append(f"pack {k.id}  hash {k.short_hash}  model {k.model}  sae {k.sae}  {state}")
     return lines
 
 

@@ -95,7 +95,7 @@ class SteeringReport:
     @classmethod
     def from_run(cls, run: RunState, row: int, total: float) -> SteeringReport:
         shadows = tuple(
-            ShadowReport(sp.policy.name, sp.policy.version, sp.hash, _decisions(sp, decided), _action(sp, decided))
+            ShadowReport(sp.policy.name, sp.policy.version, sp.hash, _decisions(sp, decided), _action(sp, decided, would=True))
             for sp in (run.shadows[row] if run.shadows is not None else ())
             for decided in [run.shadow_decisions[row].get(id(sp), {})]
         )

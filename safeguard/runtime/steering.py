@@ -466,15 +466,16 @@ def _steering(p: CompiledPolicy, decisions: dict[str, Decision]) -> list[_Catego
     return fired
 
 
-def _action(p: CompiledPolicy | None, decisions: dict[str, Decision]) -> str:
+def _action(p: CompiledPolicy | None, decisions: dict[str, Decision], *, would: bool = False) -> str:
     """``block`` > ``refuse`` > ``redirect`` among fired categories of an enforcing policy; ``monitor`` when
-    something fired but nothing acts (monitor mode or ``monitor`` categories); else ``none``."""
+    something fired but nothing acts (monitor mode or ``monitor`` categories); else ``none``. ``would=True``: what
+    the policy does when enforced as written (for a shadow, compiled to decide only)."""
     if p is None:
         return "none"
     fired = _fired(p, decisions)
     if not fired:
         return "none"
-    if not p.enforce:
+    if not (p.policy.mode == "enforce" if would else p.enforce):
         return "monitor"
     for response in ("block", "refuse", "redirect"):
         if any(c.response == response for c in fired):
