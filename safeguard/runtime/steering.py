@@ -241,6 +241,8 @@ class Decision:
     threshold: float
     fired: bool
     layer: int
+    message: str | None = None
+    """For a ``block`` category: the reply its policy gives instead of generating."""
 
 
 @dataclass
@@ -340,7 +342,7 @@ class RunState:
                     continue
                 scores = c.score(acts[..., c.index], mask)
                 for (_, sink), s in zip(entries, scores.tolist(), strict=True):
-                    sink[c.id] = Decision(c.id, c.label, c.response, s, c.threshold, s >= c.threshold, layer)
+                    sink[c.id] = Decision(c.id, c.label, c.response, s, c.threshold, s >= c.threshold, layer, c.message)
         self.detect_seconds += time.perf_counter() - t0
 
     def steering_categories(self, row: int) -> list[_Category]:

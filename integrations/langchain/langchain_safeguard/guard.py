@@ -1,7 +1,7 @@
 """``SafeguardGuard``: a safeguard policy's detectors screening the requests of *another* chat model.
 
     input ─► SteeredLLM.classify (the user's turns only, no generation)
-        ├─ a ``refuse`` category fired ─► AIMessage(refusal), the guarded model is never called
+        ├─ a ``refuse`` or ``block`` category fired ─► AIMessage(refusal or the block message), never forwarded
         └─ nothing (or only ``redirect`` categories) fired ─► guarded.invoke / stream / batch
 
 The small local model reads the request once at prefill; the guarded model (hosted or local) answers what
@@ -102,11 +102,13 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
 
     @staticmethod
     def blocks(report: SteeringReport) -> bool:
-        """Whether the verdict refuses the request: some ``refuse`` category fired."""
-        return any(d.fired and d.response == "refuse" for d in report.decisions)
+        """Whether the verdict stops the request: some ``refuse`` or ``block`` category fired."""
+        return any(d.fired and d.response in ("refuse", "block") for d in report.decisions)
 
     def _refusal(self, report: SteeringReport) -> AIMessage:
-        return AIMessage(self.refusal, response_metadata={REPORT_KEY: report_dict(report), "finish_reason": "safeguard"})
+        """A fired ``block`` category answers with its policy's message; a ``refuse`` one with ``refusal``."""
+        block = next((d.message for d in report.decisions if d.fired and d.response == "block" and d.message), None)
+        return AIMessage(block or self.refusal, response_metadata={REPORT_KEY: report_dict(report), "finish_reason": "safeguard"})
 
     @staticmethod
     def _tag(reply: Any, report: SteeringReport) -> Any:

@@ -39,3 +39,15 @@ def test_shadow_decisions_reach_langchain(packed, tmp_path):
     assert msg.content == plain.text  # the shadow decided to block, and nothing was done
     (shadow,) = msg.response_metadata["safeguard"]["shadow"]
     assert shadow["policy_name"] == "loud" and shadow["action"] == "block" and shadow["fired"] == ["cyber"]
+
+
+def test_the_guard_answers_a_block_with_its_message(packed):
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_safeguard import SafeguardGuard
+
+    guarded = FakeListChatModel(responses=["the guarded model's answer"])
+    guard = SafeguardGuard(guarded, policy=Policy.from_dict({**policy_v2(cyber={"response": "block", "message": BLOCK})}), llm=packed)
+    msg = guard.invoke("hello there")
+    assert msg.content == BLOCK and msg.response_metadata["safeguard"]["fired"] == ["cyber"]
+    passes = SafeguardGuard(guarded, policy=Policy.from_dict(policy_v2(cyber={"sensitivity": "relaxed"})), llm=packed)
+    assert passes.invoke("hello there").content == "the guarded model's answer"
