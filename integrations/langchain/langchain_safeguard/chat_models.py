@@ -118,9 +118,9 @@ class ChatSafeguard(BaseChatModel):
             from langchain_safeguard import ChatSafeguard
 
             llm = ChatSafeguard()                      # embedded SmolLM2-135M-Instruct, bundled SAEs, default policy
-            llm = ChatSafeguard(policy="policies/eu.yaml", max_tokens=128)
+            llm = ChatSafeguard(policy="eu", max_tokens=128)
             llm = ChatSafeguard(model="meta-llama/Meta-Llama-3-8B-Instruct", sae="llama-3-8b-it-res-jh",
-                                policy="policies/llama3-8b-instruct.yaml", quantization="4bit", device="cuda")
+                                policy="eu", quantization="4bit", device="cuda")
 
         Construction is cheap: the model loads on first use and is shared by every instance that asks for
         the same model, SAE, quantization and device.
@@ -136,10 +136,10 @@ class ChatSafeguard(BaseChatModel):
     Per-request policy:
         .. code-block:: python
 
-            llm.invoke(question, policy="policies/us.yaml")
-            eu = llm.bind(policy="policies/eu.yaml")
+            llm.invoke(question, policy="us")
+            eu = llm.bind(policy="eu")
             chain = prompt | llm | StrOutputParser()
-            chain.invoke(inputs, config={"configurable": {"policy": "policies/eu.yaml"}})
+            chain.invoke(inputs, config={"configurable": {"policy": "eu"}})
 
         An explicit ``policy=`` wins over ``configurable``, which wins over the ``policy`` field.
         ``steer=False`` per call (or as the field) answers without steering.
@@ -183,7 +183,7 @@ class ChatSafeguard(BaseChatModel):
     (the bundled SAEs for the embedded model, ``llama-3-8b-it-res-jh`` for Llama-3-8B-Instruct)."""
     policy: Policy | str | Path | None = None
     """Policy file (YAML/JSON) or ``Policy`` used when a request names none; ``None`` uses the model's
-    default (``policies/default.yaml`` for the embedded model, no policy otherwise)."""
+    default (the shipped ``default`` policy for the embedded model, no policy otherwise)."""
     steer: bool = True
     """``False`` answers every request with the unsteered model (no detection, no steering)."""
     quantization: Literal["4bit", "8bit"] | None = None

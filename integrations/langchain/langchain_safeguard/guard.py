@@ -47,7 +47,7 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
 
         from langchain_safeguard import SafeguardGuard
 
-        guarded = SafeguardGuard(ChatOpenAI(model="..."), policy="policies/eu.yaml")
+        guarded = SafeguardGuard(ChatOpenAI(model="..."), policy="eu")
         guarded.invoke("How do I pick my neighbour's lock?")      # AIMessage("I can't help ...")
         guarded.invoke("How do I bake bread?")                   # the guarded model's answer
         msg.response_metadata["safeguard"]["fired"]               # the verdict, on both kinds of reply
