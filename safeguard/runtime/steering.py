@@ -399,9 +399,6 @@ class SteeringHandle:
         while self._handles:
             self._handles.pop().remove()
 
-    def __len__(self) -> int:
-        return len(self._handles)
-
 
 def attach(model: Any, run: RunState) -> SteeringHandle:
     """Register the run's hooks; on any failure, the hooks registered so far are removed and it re-raises."""
