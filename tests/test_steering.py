@@ -237,3 +237,40 @@ def test_decode_runs_hook_free_when_nothing_steers_new_tokens(tiny_model, saes, 
     assert seen[0] == 4  # prefill: counter, detect, steer, and the probe itself
     assert set(seen[1:]) == {hooks_during_decode}
     assert hooks_on(tiny_model) == 0
+
+
+def _interrupting_batch_of_two_still_works(llm):
+    assert hooks_on(llm.model) == 0, "an interrupted call left hooks on the model"
+    rows = llm.batch(["first prompt", "a second prompt"], max_new_tokens=3)  # a leftover 1-row hook would refuse 2 rows
+    assert len(rows) == 2 and all(r.report.fired == ("cyber",) for r in rows)
+
+
+def test_ctrl_c_between_registering_and_the_block_leaves_no_hook(llm, monkeypatch):
+    import safeguard.runtime.steering as engine
+
+    real = engine.attach
+
+    def attach_then_interrupt(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt  # lands after every hook is registered, before the with-block's try
+
+    monkeypatch.setattr(engine, "attach", attach_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate("hello there", max_new_tokens=3)
+    monkeypatch.undo()
+    _interrupting_batch_of_two_still_works(llm)
+
+
+def test_ctrl_c_inside_register_forward_hook_leaves_no_hook(llm, monkeypatch):
+    layer = type(llm.model.model.layers[0])
+    real = layer.register_forward_hook
+
+    def register_then_interrupt(self, *a, **k):
+        real(self, *a, **k)  # torch has added the hook; its handle never reaches the caller
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layer, "register_forward_hook", register_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate("hello there", max_new_tokens=3)
+    monkeypatch.undo()
+    _interrupting_batch_of_two_still_works(llm)
