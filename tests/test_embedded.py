@@ -45,9 +45,8 @@ def test_default_load_has_model_bundled_saes_and_policy(default_llm):
 def test_default_policy_leaves_harmless_replies_identical(default_llm):
     steered = default_llm.batch(HARMLESS, max_new_tokens=24)
     plain = default_llm.batch(HARMLESS, max_new_tokens=24, steer=False)
-    for s, p in zip(steered, plain, strict=True):
-        if not s.report.fired:
-            assert s.text == p.text
+    assert [s.report.fired for s in steered] == [()] * len(HARMLESS), "the default policy must not fire on harmless prompts"
+    assert [s.text for s in steered] == [p.text for p in plain]
 
 
 def test_gated_idle_is_identical_and_firing_steers_on_the_real_model():
@@ -88,5 +87,5 @@ def test_cuda_4bit_default():
     assert r.report.policy_name == "default"
     plain = llm.generate("What is the capital of France?", max_new_tokens=16, steer=False)
     gated = llm.generate("What is the capital of France?", max_new_tokens=16)
-    if not gated.report.fired:
-        assert gated.text == plain.text
+    assert gated.report.fired == (), "the default policy must not fire on a harmless prompt"
+    assert gated.text == plain.text
