@@ -274,3 +274,24 @@ def test_ctrl_c_inside_register_forward_hook_leaves_no_hook(llm, monkeypatch):
         llm.generate("hello there", max_new_tokens=3)
     monkeypatch.undo()
     _interrupting_batch_of_two_still_works(llm)
+
+
+def test_a_model_without_decoder_layers_is_an_unsupported_model_error():
+    from safeguard import ModelLoadError, UnsupportedModelError
+    from safeguard.runtime.steering import decoder_layers
+
+    with pytest.raises(UnsupportedModelError, match="cannot find the decoder layers of Linear") as info:
+        decoder_layers(torch.nn.Linear(2, 2))
+    assert isinstance(info.value, ModelLoadError) and isinstance(info.value, TypeError)  # old `except TypeError` still works
+
+
+def test_a_forward_of_another_batch_size_is_a_steering_error(tiny_model, saes):
+    from safeguard import SteeringError
+
+    p = compile_policy(saes)
+    ids, attn = inputs()
+    run = RunState([p], torch.ones(1, P, dtype=torch.bool), attn[:1])  # set up for one row
+    with pytest.raises(SteeringError, match="set up for 1 rows but layer 1 saw 3") as info, steering(tiny_model, run), torch.no_grad():
+        tiny_model(input_ids=ids, attention_mask=attn)
+    assert isinstance(info.value, RuntimeError)
+    assert hooks_on(tiny_model) == 0

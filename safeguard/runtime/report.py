@@ -96,7 +96,7 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
-    """``stop`` (end of turn or a stop string) or ``length`` (max_new_tokens reached)."""
+    """``stop`` (end of turn or a stop string), ``length`` (max_new_tokens reached) or ``time`` (``max_time`` ran out first)."""
 
     def __str__(self) -> str:
         return self.text

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PolicyError
+from ..errors import PolicyError, SteeringError, UnsupportedModelError
 from .policy import AddAction, ClampAction, Policy, VectorAction
 from .saes import FeatureEncoder, SAESet
 
@@ -40,7 +40,8 @@ def decoder_layers(model: Any) -> Any:
                 break
         if obj is not None:
             return obj
-    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}; safeguard knows Llama-style models")
+    raise UnsupportedModelError(f"model: cannot find the decoder layers of {type(model).__name__} (looked for model.layers, model.decoder.layers, "
+                                "transformer.h, gpt_neox.layers, layers); safeguard knows Llama-style models")
 
 
 class _Stopped(Exception):
@@ -367,7 +368,7 @@ class RunState:
         def fn(module: Any, args: Any, output: Any) -> Any:
             h = output[0] if isinstance(output, tuple) else output
             if h.shape[0] != self.batch_size:
-                raise RuntimeError(
+                raise SteeringError(
                     f"steering was set up for {self.batch_size} rows but layer {layer} saw {h.shape[0]}; "
                     "beam search and num_return_sequences > 1 are not supported while steering"
                 )
