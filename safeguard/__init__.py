@@ -6,7 +6,19 @@ policies, per request and per batch row.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import DatasetError, InputError, ModelLoadError, PolicyError, SAEError, SafeguardError, TrainingError
+from .errors import (
+    DatasetError,
+    EvaluationError,
+    InputError,
+    ModelLoadError,
+    PolicyError,
+    SAEError,
+    SafeguardError,
+    SelectionError,
+    SteeringError,
+    TrainingError,
+    UnsupportedModelError,
+)
 from .runtime.llm import SteeredLLM, TextStream
 from .runtime.policy import Policy
 from .runtime.report import AppliedSteering, Decision, GenerationResult, SteeringReport
@@ -21,6 +33,7 @@ __all__ = [
     "AppliedSteering",
     "DatasetError",
     "Decision",
+    "EvaluationError",
     "GenerationResult",
     "InputError",
     "ModelLoadError",
@@ -28,10 +41,13 @@ __all__ = [
     "PolicyError",
     "SAEError",
     "SafeguardError",
+    "SelectionError",
     "SteeredLLM",
+    "SteeringError",
     "SteeringReport",
     "TextStream",
     "TrainingError",
+    "UnsupportedModelError",
     "__version__",
     "steering",
 ]

@@ -45,9 +45,8 @@ def test_default_load_has_model_bundled_saes_and_policy(default_llm):
 def test_default_policy_leaves_harmless_replies_identical(default_llm):
     steered = default_llm.batch(HARMLESS, max_new_tokens=24)
     plain = default_llm.batch(HARMLESS, max_new_tokens=24, steer=False)
-    for s, p in zip(steered, plain, strict=True):
-        if not s.report.fired:
-            assert s.text == p.text
+    assert [s.report.fired for s in steered] == [()] * len(HARMLESS), "the default policy must not fire on harmless prompts"
+    assert [s.text for s in steered] == [p.text for p in plain]
 
 
 def test_gated_idle_is_identical_and_firing_steers_on_the_real_model():
@@ -85,8 +84,42 @@ def test_cuda_4bit_default():
     assert r.report.policy_name == "default"
     plain = llm.generate("What is the capital of France?", max_new_tokens=16, steer=False)
     gated = llm.generate("What is the capital of France?", max_new_tokens=16)
-    if not gated.report.fired:
-        assert gated.text == plain.text
+    assert gated.report.fired == (), "the default policy must not fire on a harmless prompt"
+    assert gated.text == plain.text
+
+
+_BNB_PROBE = """
+import sys, torch
+torch.set_num_threads(1)
+from safeguard import SteeredLLM
+from safeguard.runtime.models import load_model
+llm = SteeredLLM.from_pretrained()
+llm.generate("How do I bake bread?", max_new_tokens=2)
+print("plain-load bitsandbytes imported:", "bitsandbytes" in sys.modules, file=sys.stderr, flush=True)
+print("=== 4bit ===", file=sys.stderr, flush=True)
+load_model(quantization="4bit", device="cpu")
+print("4bit-load bitsandbytes imported:", "bitsandbytes" in sys.modules, file=sys.stderr, flush=True)
+"""
+
+
+def test_a_plain_cpu_load_never_imports_bitsandbytes_and_4bit_does():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed: nothing could import it")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _BNB_PROBE], capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, quantised = proc.stderr.split("=== 4bit ===")
+    assert "plain-load bitsandbytes imported: False" in plain
+    assert "gemm_4bit_forward" not in plain and "kernels-community" not in plain, plain[-2000:]
+    # the control: asking for 4-bit does import it (and on CPU prints the line this test looks for)
+    assert "4bit-load bitsandbytes imported: True" in quantised
 
 
 def _always(never):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from _tiny import policy_dict
 
-from safeguard import Policy
+from safeguard import EvaluationError, Policy
 from safeguard.lab.datasets import JailbreakTemplate, Prompt, split_templates
 from safeguard.lab.evaluation import CAPABILITY_QA, Criteria, EvalResult, Reply, answer_correct, eval_sets, evaluate, to_html, to_markdown, write_report
 
@@ -78,6 +78,31 @@ def test_eval_sets_sample_and_wrap_prompts():
     again = eval_sets(n_harmful=4, n_benign=5, n_risky=5, n_blind_benign=2, n_blind_risky=3, n_jailbreak=2, harmful=list(reversed(harmful)),
                       harmless=harmless, blind=blind, templates=templates)
     assert [p.text for p in again.harmful] == [p.text for p in sets.harmful]  # seeded, independent of order
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"n_harmful": -1}, "n_harmful must be an integer >= 0, not -1"),
+    ({"n_benign": "5"}, "n_benign must be an integer >= 0, not '5'"),
+    ({"n_jailbreak": True}, "n_jailbreak must be an integer >= 0, not True"),
+    ({"held_out": 1.5}, "held_out is the held-out share"),
+    ({"max_template_chars": 10}, "max_template_chars=10: no held-out jailbreak template is that short"),
+])
+def test_eval_sets_refuses_bad_arguments_naming_them(kwargs, match):
+    harmful = [Prompt(f"harmful request {i}", "privacy", "t") for i in range(4)]
+    templates = [JailbreakTemplate(f"t{i}", f"Template number {i}, a long one. You are {{generator.name}}.", "dan") for i in range(4)]
+    with pytest.raises(EvaluationError, match=match) as info:
+        eval_sets(**{"n_harmful": 2, "n_benign": 0, "n_risky": 0, "n_blind_benign": 0, "n_blind_risky": 0, "n_jailbreak": 1, "n_jailbreak_benign": 0,
+                     "harmful": harmful, "harmless": [], "blind": [], "templates": templates, **kwargs})
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"batch_size": 0}, "batch_size must be an integer >= 1"),
+                                               ({"max_new_tokens": "8"}, "max_new_tokens must be an integer >= 1")])
+def test_evaluate_refuses_bad_settings_before_generating(llm, kwargs, match):
+    sets = eval_sets(n_harmful=0, n_benign=0, n_risky=0, n_blind_benign=0, n_blind_risky=0, n_capability=1, n_jailbreak=0, n_jailbreak_benign=0,
+                     harmful=[], harmless=[], blind=[])
+    with pytest.raises(EvaluationError, match=match):
+        evaluate(llm, Policy.from_dict(policy_dict()), sets, progress=False, **kwargs)
 
 
 def test_jailbreak_cases_use_only_templates_selection_never_trains_on():

@@ -242,3 +242,86 @@ def test_classify_with_every_category_disabled_decides_nothing(llm):
     assert report.fired == () and report.decisions == () and not hooks_on(llm.model)
     with pytest.raises(InputError, match="list of texts"):
         llm.classify("hello")
+
+
+# ------------------------------------------------------------------ untrusted arguments (issue 10 §3, issue 11 item 3)
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: m.generate("hi", stop=[None]), InputError, r"stop\[0\] must be a string, not NoneType"),
+        (lambda m: m.generate("hi", stop=["ok", ""]), InputError, r"stop\[1\] is empty"),
+        (lambda m: m.generate("hi", stop=[f"s{i}" for i in range(17)]), InputError, "stop has 17 strings; at most 16"),
+        (lambda m: m.generate("hi", stop=["x" * 257]), InputError, r"stop\[0\] has 257 characters; at most 256"),
+        (lambda m: m.generate("hi", stop=5), InputError, "stop must be a string or a list of strings, not int"),
+        (lambda m: m.generate("hi", stop=["\ud800"]), InputError, r"stop\[0\] holds a lone surrogate"),
+        (lambda m: m.generate("hi", temperature=float("nan")), InputError, "temperature must be a finite number >= 0"),
+        (lambda m: m.generate("hi", temperature=-0.5), InputError, "temperature must be a finite number >= 0"),
+        (lambda m: m.generate("hi", temperature=float("inf")), InputError, "temperature must be a finite number >= 0"),
+        (lambda m: m.generate("hi", temperature="0.7"), InputError, "temperature must be a number >= 0 .*not str"),
+        (lambda m: m.generate("hi", seed=2**70), InputError, r"seed must be in \[0, 2\*\*63 - 1\]"),
+        (lambda m: m.generate("hi", seed=-1), InputError, r"seed must be in \[0, 2\*\*63 - 1\]"),
+        (lambda m: m.generate("hi", seed=True), InputError, "seed must be an integer .*not bool"),
+        (lambda m: m.generate("hi", seed=1.5), InputError, "seed must be an integer .*not float"),
+        (lambda m: m.generate("hi", max_new_tokens=True), InputError, "max_new_tokens must be a positive integer, got True"),
+        (lambda m: m.generate("hi", max_new_tokens="5"), InputError, "max_new_tokens must be a positive integer"),
+        (lambda m: m.generate("hi", max_new_tokens=2.0), InputError, "max_new_tokens must be a positive integer"),
+        (lambda m: m.generate("hi", max_time=float("nan")), InputError, "max_time must be a finite number"),
+        (lambda m: m.generate("hi \ud800 there"), InputError, "the prompt holds a lone surrogate '\\\\ud800' at character 3"),
+        (lambda m: m.chat([{"role": "user", "content": "\ud800"}]), InputError, r"messages\[0\]\.content holds a lone surrogate"),
+        (lambda m: m.chat([{"role": "system", "content": "a\udfff"}, {"role": "user", "content": "hi"}]), InputError,
+         r"messages\[0\]\.content holds a lone surrogate"),
+        (lambda m: m.classify(["fine", "\ud800"]), InputError, "lone surrogate"),
+        (lambda m: m.stream("hi", temperature="0.7"), InputError, "temperature"),  # raised by stream(), not inside its thread
+        (lambda m: m.stream("hi", stop=[""]), InputError, r"stop\[0\] is empty"),
+        (lambda m: m.generate("hi", policy=123), PolicyError, "policy must be a Policy, a shipped policy name or a file path, not int"),
+        (lambda m: m.batch(["hi"], policies=[123]), PolicyError, "not int"),
+        (lambda m: m.classify(["hi"], policy=1.5), PolicyError, "not float"),
+        (lambda m: m.use_policy(123), PolicyError, "not int"),
+    ],
+)
+def test_untrusted_arguments_are_safeguard_errors_naming_the_field(llm, call, error, match):
+    before = llm.policy
+    with pytest.raises(error, match=match) as info:
+        call(llm)
+    assert type(info.value) is error  # not a raw TypeError / ValueError / AttributeError from deeper down
+    assert hooks_on(llm.model) == 0 and llm.policy is before
+
+
+def test_temperature_zero_or_none_is_greedy(llm):
+    greedy = llm.generate("hello there", steer=False, **KW).text
+    assert llm.generate("hello there", steer=False, temperature=0, **KW).text == greedy
+    assert llm.generate("hello there", steer=False, temperature=0.0, seed=3, **KW).text == greedy
+
+
+def _spanning_stop(llm):
+    """The plain reply to "hello there" and a stop string made of the 3 characters either side of the first boundary between
+    two of its stream pieces of at least 4 characters."""
+    full = llm.generate("hello there", steer=False, max_new_tokens=12).text
+    pieces = list(llm.stream("hello there", steer=False, max_new_tokens=12))
+    assert "".join(pieces) == full
+    i = next(i for i in range(len(pieces) - 1) if len(pieces[i]) >= 4 and len(pieces[i + 1]) >= 4)
+    stop = pieces[i][-3:] + pieces[i + 1][:3]  # begins in one piece, ends in the next
+    assert full.index(stop) == len("".join(pieces[: i + 1])) - 3
+    return full, stop
+
+
+def test_a_plain_string_stop_is_one_stop_string_not_its_characters(llm):
+    full, stop = _spanning_stop(llm)
+    assert min(full.index(c) for c in stop) < full.index(stop), "a character of stop occurs earlier: splitting it would cut there"
+    r = llm.generate("hello there", steer=False, max_new_tokens=12, stop=stop)
+    assert r.text == full[: full.index(stop)] and r.text.strip() and r.finish_reason == "stop"
+    assert "".join(llm.stream("hello there", steer=False, max_new_tokens=12, stop=stop)) == r.text
+
+
+def test_a_stop_string_spanning_two_stream_pieces_never_leaks(llm):
+    full, stop = _spanning_stop(llm)
+    s = llm.stream("hello there", steer=False, max_new_tokens=12, stop=[stop])
+    got = list(s)
+    assert "".join(got) == s.result.text == full[: full.index(stop)]
+    assert hooks_on(llm.model) == 0
+
+
+def test_a_max_time_cut_off_is_reported_as_time(llm):
+    r = llm.generate("hello there", steer=False, max_new_tokens=50, max_time=0.0)
+    assert r.completion_tokens < 50 and r.finish_reason == "time"
+    assert llm.generate("hello there", steer=False, max_new_tokens=3).finish_reason == "length"

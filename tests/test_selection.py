@@ -9,7 +9,7 @@ import torch
 from _tiny import policy_dict
 from safetensors.torch import load_file
 
-from safeguard import Policy
+from safeguard import Policy, SelectionError
 from safeguard.lab.datasets import JailbreakTemplate, Prompt, split_templates
 from safeguard.lab.selection import (
     Detector,
@@ -162,7 +162,7 @@ def test_detect_only_groups_join_detection_statistics_but_not_the_residual_unit(
     assert both.resid_norm == pytest.approx(plain.resid_norm, rel=1e-5) and both.resid.groups == ["x"]
     torch.testing.assert_close(both.detect.summary("x").mean, plain.detect.summary("x").mean)
     assert both.detect.count("x@wrapped") == 1 and both.detect.summary(["x", "x@wrapped"]).n == 3
-    with pytest.raises(ValueError, match="given twice"):
+    with pytest.raises(SelectionError, match="given twice"):
         collect_prompt_stats(llm, groups, detect_layer=1, steer_layer=2, detect_only={"x": ["y"]}, progress=False)
 
 
@@ -364,15 +364,28 @@ def test_refusal_outranks_redirection_when_both_fire(llm, tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"detect_reduce": "median"}, "detect_reduce"),
+    ({"positions": "everywhere"}, "positions must be one of"),
     ({"n_wrapped_harmful": -1}, "n_wrapped"),
     ({"detect_layer": 5}, "SAEs at the detect layer"),
     ({"categories": ["no_such_category"]}, "no select-part prompts"),
     ({"strict_fpr": 1.5}, "strict_fpr"),
     ({"pack_id": "Not A Slug"}, "slug"),
+    ({"templates": []}, "templates: no jailbreak template"),
 ])
 def test_select_refuses_bad_settings_before_writing_anything(llm, tmp_path, kwargs, match):
     out = tmp_path / "pack.yaml"
     settings = {"detect_layer": 1, "steer_layer": 2, "data": _tiny_data(), "progress": False, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(SelectionError, match=match) as info:
         select(llm, out=out, **settings)
+    assert isinstance(info.value, ValueError)  # older `except ValueError` still catches it
     assert not any(tmp_path.iterdir())
+
+
+def test_select_strengths_option_is_checked_before_the_model_loads():
+    from safeguard.lab.selection.cli import _floats
+
+    assert _floats("0.5, 1,1.5") == [0.5, 1.0, 1.5]
+    with pytest.raises(SelectionError, match="--strengths: 'x' is not a number"):
+        _floats("0.5,x")
+    with pytest.raises(SelectionError, match="--strengths: no numbers"):
+        _floats(" , ")

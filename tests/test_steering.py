@@ -237,3 +237,61 @@ def test_decode_runs_hook_free_when_nothing_steers_new_tokens(tiny_model, saes, 
     assert seen[0] == 4  # prefill: counter, detect, steer, and the probe itself
     assert set(seen[1:]) == {hooks_during_decode}
     assert hooks_on(tiny_model) == 0
+
+
+def _interrupting_batch_of_two_still_works(llm):
+    assert hooks_on(llm.model) == 0, "an interrupted call left hooks on the model"
+    rows = llm.batch(["first prompt", "a second prompt"], max_new_tokens=3)  # a leftover 1-row hook would refuse 2 rows
+    assert len(rows) == 2 and all(r.report.fired == ("cyber",) for r in rows)
+
+
+def test_ctrl_c_between_registering_and_the_block_leaves_no_hook(llm, monkeypatch):
+    import safeguard.runtime.steering as engine
+
+    real = engine.attach
+
+    def attach_then_interrupt(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt  # lands after every hook is registered, before the with-block's try
+
+    monkeypatch.setattr(engine, "attach", attach_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate("hello there", max_new_tokens=3)
+    monkeypatch.undo()
+    _interrupting_batch_of_two_still_works(llm)
+
+
+def test_ctrl_c_inside_register_forward_hook_leaves_no_hook(llm, monkeypatch):
+    layer = type(llm.model.model.layers[0])
+    real = layer.register_forward_hook
+
+    def register_then_interrupt(self, *a, **k):
+        real(self, *a, **k)  # torch has added the hook; its handle never reaches the caller
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layer, "register_forward_hook", register_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate("hello there", max_new_tokens=3)
+    monkeypatch.undo()
+    _interrupting_batch_of_two_still_works(llm)
+
+
+def test_a_model_without_decoder_layers_is_an_unsupported_model_error():
+    from safeguard import ModelLoadError, UnsupportedModelError
+    from safeguard.runtime.steering import decoder_layers
+
+    with pytest.raises(UnsupportedModelError, match="cannot find the decoder layers of Linear") as info:
+        decoder_layers(torch.nn.Linear(2, 2))
+    assert isinstance(info.value, ModelLoadError) and isinstance(info.value, TypeError)  # old `except TypeError` still works
+
+
+def test_a_forward_of_another_batch_size_is_a_steering_error(tiny_model, saes):
+    from safeguard import SteeringError
+
+    p = compile_policy(saes)
+    ids, attn = inputs()
+    run = RunState([p], torch.ones(1, P, dtype=torch.bool), attn[:1])  # set up for one row
+    with pytest.raises(SteeringError, match="set up for 1 rows but layer 1 saw 3") as info, steering(tiny_model, run), torch.no_grad():
+        tiny_model(input_ids=ids, attention_mask=attn)
+    assert isinstance(info.value, RuntimeError)
+    assert hooks_on(tiny_model) == 0

@@ -38,6 +38,7 @@ import typer
 
 from .. import _options as opt
 from .._hashing import stable_hash as _sha
+from ..errors import EvaluationError, SafeguardError
 from .refusal import PhraseJudge, RefusalJudge
 
 __all__ = [
@@ -161,6 +162,11 @@ def _wrap(prompts: Sequence[Any], templates: Sequence[Any]) -> list[JailbreakCas
     return [JailbreakCase(t.name, p.category, p.text, t.apply(p.text)) for p, t in zip(prompts, itertools.cycle(templates), strict=False)]
 
 
+def _check_count(arg: str, value: Any, minimum: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise EvaluationError(f"{arg} must be an integer >= {minimum}, not {value!r}")
+
+
 def eval_sets(
     *,
     n_harmful: int = 240,
@@ -187,6 +193,12 @@ def eval_sets(
     ``harmful`` / ``harmless`` / ``blind`` / ``templates`` replace the sources."""
     from . import datasets as ds
 
+    counts = {"n_harmful": n_harmful, "n_benign": n_benign, "n_risky": n_risky, "n_blind_benign": n_blind_benign, "n_blind_risky": n_blind_risky,
+              "n_capability": n_capability, "n_jailbreak": n_jailbreak, "n_jailbreak_benign": n_jailbreak_benign, "max_template_chars": max_template_chars}
+    for arg, value in counts.items():
+        _check_count(arg, value)
+    if not isinstance(held_out, (int, float)) or isinstance(held_out, bool) or not 0 < held_out < 1:
+        raise EvaluationError(f"held_out is the held-out share of each prompt set, a number between 0 and 1 (exclusive), not {held_out!r}")
     split_seed = 0
     if harmful is None:
         harmful = ds.split(ds.load_advbench() + ds.load_donotanswer(), held_out=held_out, seed=split_seed).held_out
@@ -207,7 +219,8 @@ def eval_sets(
             templates = ds.load_jailbreak_templates()
         _, held_templates = ds.split_templates(templates, max_chars=max_template_chars)
         if not held_templates:
-            raise ValueError(f"no jailbreak template of at most {max_template_chars} characters")
+            raise EvaluationError(f"max_template_chars={max_template_chars}: no held-out jailbreak template is that short; raise it, or pass "
+                                  "n_jailbreak=0 and n_jailbreak_benign=0")
         cases = _wrap(h[:n_jailbreak], held_templates)
         benign_cases = _wrap(benign[:n_jailbreak_benign], held_templates)
     description = {
@@ -503,6 +516,8 @@ def evaluate(
 
     from ..runtime.policy import Policy
 
+    _check_count("max_new_tokens", max_new_tokens, 1)
+    _check_count("batch_size", batch_size, 1)
     pol = Policy.load(policy)
     pack = _pack_of(llm)
     resolved = _resolve(pol, pack)
@@ -903,17 +918,22 @@ def eval_command(
     from ..runtime.llm import SteeredLLM
     from ..runtime.policy import Policy
 
-    pol = Policy.load(policy)
-    command = "safeguard eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else ""
-    if not command:
-        command = _reconstruct(policy, out, model, sae, pack, quantization, n_harmful, n_benign, n_risky, n_blind_benign, n_blind_risky, n_capability,
-                               n_jailbreak, n_jailbreak_benign, max_new_tokens, batch_size, seed)
-    llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, pack=pack, quantization=quantization, device=device)
-    sets = eval_sets(n_harmful=n_harmful, n_benign=n_benign, n_risky=n_risky, n_blind_benign=n_blind_benign, n_blind_risky=n_blind_risky,
-                     n_capability=n_capability, n_jailbreak=n_jailbreak, n_jailbreak_benign=n_jailbreak_benign, seed=seed)
-    criteria = Criteria(min_harmful_increase, max_benign_increase, min_benign_identical)
-    result = evaluate(llm, policy, sets, max_new_tokens=max_new_tokens, batch_size=batch_size, command=command, criteria=criteria,
-                      compare_parent=compare_parent)
+    try:
+        pol = Policy.load(policy)
+        command = "safeguard eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else ""
+        if not command:
+            command = _reconstruct(policy, out, model, sae, pack, quantization, n_harmful, n_benign, n_risky, n_blind_benign, n_blind_risky,
+                                   n_capability, n_jailbreak, n_jailbreak_benign, max_new_tokens, batch_size, seed)
+        # the sets before the model: bad counts fail at once
+        sets = eval_sets(n_harmful=n_harmful, n_benign=n_benign, n_risky=n_risky, n_blind_benign=n_blind_benign, n_blind_risky=n_blind_risky,
+                         n_capability=n_capability, n_jailbreak=n_jailbreak, n_jailbreak_benign=n_jailbreak_benign, seed=seed)
+        criteria = Criteria(min_harmful_increase, max_benign_increase, min_benign_identical)
+        llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, pack=pack, quantization=quantization, device=device)
+        result = evaluate(llm, policy, sets, max_new_tokens=max_new_tokens, batch_size=batch_size, command=command, criteria=criteria,
+                          compare_parent=compare_parent)
+    except SafeguardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     folder = out or Path("docs") / "eval" / pol.name
     paths = write_report(result, folder)
     s = result.summary()

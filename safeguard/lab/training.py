@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .._hashing import stable_hash as _sha
+from .._sae_lens import import_sae_lens
 from ..errors import TrainingError
 from ..runtime.steering import forward_until
 
@@ -433,6 +434,7 @@ def fit_saes(
     coefficient warms up over the first 5 %. Inputs are scaled to norm sqrt(d) during training and the scale
     is folded back into the weights at the end.
     """
+    import_sae_lens()
     from sae_lens import LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
@@ -476,6 +478,7 @@ def fit_saes(
 def inference_sae(trained: Any, *, layer: int, model_name: str, dtype: str = "float16") -> Any:
     """An inference ``sae_lens.SAE`` from a trained one: decoder rows folded to unit norm, cast to ``dtype``, with
     ``cfg.metadata`` naming the model and hook point."""
+    import_sae_lens()
     from sae_lens import SAE
 
     trained.fold_W_dec_norm()
@@ -523,6 +526,7 @@ def train_sae(
     part, else the last 5 % of ``texts``). Layers already complete in ``out_dir`` are skipped. Returns
     ``{layer: folder}`` for every requested layer.
     """
+    import_sae_lens()
     import sae_lens
     import transformers
     from sae_lens import SAE

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import numbers
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -35,18 +38,90 @@ from .report import GenerationResult, SteeringReport
 from .saes import SAESet, load_saes
 from .steering import CompiledPolicy, RunState, decoder_layers, forward_until, generate_positions, steering
 
-__all__ = ["PRODUCTION_MODEL", "PRODUCTION_SAE", "SteeredLLM", "TextStream"]
+__all__ = ["MAX_STOP_CHARS", "MAX_STOP_STRINGS", "PRODUCTION_MODEL", "PRODUCTION_SAE", "SteeredLLM", "TextStream"]
 
 log = logging.getLogger("safeguard")
 
 PRODUCTION_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 PRODUCTION_SAE = "llama-3-8b-it-res-jh:blocks.25.hook_resid_post"
 _ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 16
+"""Most stop strings one call may pass."""
+MAX_STOP_CHARS = 256
+"""Longest stop string, in characters."""
 _UNSET: Any = object()
 
 PromptLike = str | Sequence[Mapping[str, Any]]
 PolicyLike = Policy | str | Path
 """A ``Policy``, a shipped policy's name (``"eu"``) or a policy file's path."""
+
+
+def _check_text(where: str, text: str) -> None:
+    """Text the tokenizer can take: encodable as UTF-8 (a lone surrogate such as '\\ud800' is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{where} holds a lone surrogate {text[exc.start]!r} at character {exc.start}; text must be valid Unicode") from None
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    """``stop`` as a list of stop strings: a plain string is one stop string; each is non-empty, at most
+    ``MAX_STOP_CHARS`` characters, and there are at most ``MAX_STOP_STRINGS``."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    elif not isinstance(stop, Sequence) or isinstance(stop, (bytes, bytearray)):
+        raise InputError(f"stop must be a string or a list of strings, not {type(stop).__name__}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InputError(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+    for i, s in enumerate(stop):
+        if not isinstance(s, str):
+            raise InputError(f"stop[{i}] must be a string, not {type(s).__name__}")
+        if not s:
+            raise InputError(f"stop[{i}] is empty; an empty stop string would end every reply at once")
+        if len(s) > MAX_STOP_CHARS:
+            raise InputError(f"stop[{i}] has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed")
+        _check_text(f"stop[{i}]", s)
+    return list(stop)
+
+
+def _temperature(temperature: Any) -> float | None:
+    """A sampling temperature (> 0), or ``None`` for greedy decoding (``None`` or 0)."""
+    if temperature is None:
+        return None
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise InputError(f"temperature must be a number >= 0 (0 or None: greedy), not {type(temperature).__name__}")
+    t = float(temperature)
+    if not math.isfinite(t) or t < 0:
+        raise InputError(f"temperature must be a finite number >= 0 (0 or None: greedy), got {t}")
+    return t or None
+
+
+def _seed(seed: Any) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InputError(f"seed must be an integer in [0, 2**63 - 1], not {type(seed).__name__}")
+    if not 0 <= seed <= 2**63 - 1:
+        raise InputError(f"seed must be in [0, 2**63 - 1], got {seed}")
+    return int(seed)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins one of ``stops`` (and may be completed by later text)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _check_policy_like(policy: Any) -> None:
+    if not isinstance(policy, (Policy, str, os.PathLike)):
+        raise PolicyError(f"policy must be a Policy, a shipped policy name or a file path, not {type(policy).__name__}")
 
 
 class SteeredLLM:
@@ -162,6 +237,7 @@ class SteeredLLM:
         ``monitor=True`` compiles it to decide and report only."""
         if isinstance(policy, CompiledPolicy):
             policy = policy.policy
+        _check_policy_like(policy)
         p = Policy.load(policy)
         key = (p.content_hash, self.pack.content_hash if self.pack else None, monitor)
         with self._lock:
@@ -194,6 +270,7 @@ class SteeredLLM:
             return None
         if policy is None or policy is _UNSET:
             return self._active
+        _check_policy_like(policy)
         return self.compile_policy(policy)
 
     # ------------------------------------------------------------------------------------------- inputs
@@ -215,6 +292,7 @@ class SteeredLLM:
                 raise InputError(f"messages[{i}].role is {role!r}; valid roles are {list(_ROLES)}")
             if not isinstance(content, str):
                 raise InputError(f"messages[{i}].content must be a string, not {type(content).__name__}")
+            _check_text(f"messages[{i}].content", content)
             if role == "system" and i != 0:
                 raise InputError(f"messages[{i}] is a system message; only the first message may be one")
             out.append({"role": role, "content": content})
@@ -227,6 +305,8 @@ class SteeredLLM:
 
     def _encode_one(self, prompt: Any, template: bool) -> tuple[list[int], list[bool]]:
         tok = self.tokenizer
+        if isinstance(prompt, str):
+            _check_text("the prompt", prompt)
         if isinstance(prompt, str) and (not template or tok.chat_template is None):
             if not prompt.strip():
                 raise InputError("the prompt is empty")
@@ -272,18 +352,23 @@ class SteeredLLM:
 
     # ----------------------------------------------------------------------------------------- the core
     def _gen_kwargs(self, max_new_tokens: int, temperature: float | None, stop: Sequence[str] | None, extra: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        temperature = _temperature(temperature)
+        stop = _stop_strings(stop)
+        max_time = extra.get("max_time")
+        if max_time is not None and (isinstance(max_time, bool) or not isinstance(max_time, numbers.Real) or not 0 <= max_time < math.inf):
+            raise InputError(f"max_time must be a finite number of seconds >= 0, got {max_time!r}")
         for key in ("num_beams", "num_return_sequences"):
             if extra.get(key, 1) != 1:
                 raise InputError(f"{key}={extra[key]} is not supported: steering decides per batch row")
-        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if temperature is not None and temperature > 0:
-            kw.update(do_sample=True, temperature=float(temperature))
+        kw: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "pad_token_id": self.tokenizer.pad_token_id}
+        if temperature is not None:
+            kw.update(do_sample=True, temperature=temperature)
         elif "do_sample" not in extra:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop:
-            kw.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+            kw.update(stop_strings=stop, tokenizer=self.tokenizer)
         kw.update(extra)
         return kw
 
@@ -304,6 +389,7 @@ class SteeredLLM:
     ) -> list[GenerationResult]:
         t0 = time.perf_counter()
         kw = self._gen_kwargs(max_new_tokens, temperature, stop, extra)
+        seed = _seed(seed)
         ids, attn, user = self._encode(prompts, template, max_new_tokens)
         run = RunState(policies, user, attn, shadows=shadows)
         dev = self.device
@@ -327,11 +413,12 @@ class SteeredLLM:
             gen = out[row, ids.shape[1]:].tolist()
             n = next((i for i, t in enumerate(gen) if t in eos), None)
             gen = gen[:n] if n is not None else gen
-            finish = "length" if n is None and len(gen) >= max_new_tokens else "stop"
+            # no end of turn and short of max_new_tokens: generate stopped at max_time (or a closed stream)
+            finish = "stop" if n is not None else "length" if len(gen) >= max_new_tokens else "time" if extra.get("max_time") is not None else "stop"
             text = self.tokenizer.decode(gen, skip_special_tokens=True)
-            for s in stop or ():
-                if s and s in text:
-                    text, finish = text[: text.index(s)], "stop"
+            cut = min((text.index(s) for s in kw.get("stop_strings", ()) if s in text), default=None)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
             report = SteeringReport.from_run(run, row, total)
             if report.blocked:  # nothing was generated for this row: its category's message is the reply
                 text, gen, finish = report.message or "", [], "content_filter"
@@ -508,6 +595,8 @@ class TextStream(Iterator[str]):
     def __init__(self, llm: SteeredLLM, prompt: Any, policy: CompiledPolicy | None, kwargs: dict[str, Any]):
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+        llm._gen_kwargs(kwargs["max_new_tokens"], kwargs["temperature"], kwargs["stop"], kwargs["extra"])  # bad arguments fail here,
+        _seed(kwargs["seed"])  # not inside the thread
         self._cancel = threading.Event()
         cancel = self._cancel
 
@@ -519,8 +608,11 @@ class TextStream(Iterator[str]):
         self.result: GenerationResult | None = None
         self._error: BaseException | None = None
         self._done = False
-        self._stop = [s for s in (kwargs.get("stop") or ()) if s]
-        self._emitted = ""
+        self._stop = _stop_strings(kwargs.get("stop"))
+        self._text = ""
+        """Everything the streamer gave so far (when there are stop strings)."""
+        self._sent = 0
+        """How much of ``_text`` was handed out: the rest may be the beginning of a stop string."""
 
         def work() -> None:
             try:
@@ -550,19 +642,26 @@ class TextStream(Iterator[str]):
         for piece in self._streamer:
             if not piece:
                 continue
-            if self._stop:  # never emit text past a stop string
-                text = self._emitted + piece
-                cut = min((text.index(s) for s in self._stop if s in text), default=None)
-                if cut is not None:
-                    piece = text[len(self._emitted):cut]
-                    self._emitted = text[:cut]
-                    self._finish(drain=True)
-                    if piece:
-                        return piece
-                    raise StopIteration
-                self._emitted = text
-            return piece
+            if not self._stop:
+                return piece
+            # never emit a stop string, nor a beginning of one that a later piece may complete
+            self._text += piece
+            cut = min((self._text.index(s) for s in self._stop if s in self._text), default=None)
+            if cut is not None:
+                out = self._text[self._sent:max(cut, self._sent)]
+                self._sent = len(self._text)
+                self._finish(drain=True)
+                if out:
+                    return out
+                raise StopIteration
+            safe = len(self._text) - _held_back(self._text, self._stop)
+            if safe > self._sent:
+                out, self._sent = self._text[self._sent:safe], safe
+                return out
         self._finish(drain=False)  # the streamer is exhausted: the worker has ended it
+        tail, self._sent = self._text[self._sent:], len(self._text)  # held back, and no stop string followed
+        if tail:
+            return tail
         if self.result is not None and self.result.report.blocked and self.result.text:
             return self.result.text  # a blocked request generated nothing: its policy's message is the reply
         raise StopIteration

@@ -141,8 +141,8 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
-    """``stop`` (end of turn or a stop string), ``length`` (max_new_tokens reached) or ``content_filter`` (a
-    ``block`` category fired: ``text`` is its message and nothing was generated)."""
+    """``stop`` (end of turn or a stop string), ``length`` (max_new_tokens reached), ``time`` (``max_time`` ran out
+    first) or ``content_filter`` (a ``block`` category fired: ``text`` is its message and nothing was generated)."""
 
     def __str__(self) -> str:
         return self.text

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .._hub import is_cached, require_hub
+from .._sae_lens import import_sae_lens
 from ..errors import SAEError
 from .names import same_model
 
@@ -202,6 +203,7 @@ def bundled_sae_dirs() -> list[Path]:
 
 
 def _from_disk(path: Path, device: str, dtype: str) -> LoadedSAE:
+    import_sae_lens()
     from sae_lens import SAE
 
     if not (path / "cfg.json").is_file():
@@ -233,6 +235,7 @@ def _from_disk(path: Path, device: str, dtype: str) -> LoadedSAE:
 
 
 def _from_registry(release: str, sae_id: str | None, device: str, dtype: str) -> LoadedSAE:
+    import_sae_lens()
     from sae_lens import SAE
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 

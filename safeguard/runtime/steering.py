@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PolicyError
+from ..errors import PolicyError, SteeringError, UnsupportedModelError
 from ._files import contained_path
 from .compile import ResolvedPolicy, resolve
 from .names import same_model
@@ -44,7 +44,8 @@ def decoder_layers(model: Any) -> Any:
                 break
         if obj is not None:
             return obj
-    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}; safeguard knows Llama-style models")
+    raise UnsupportedModelError(f"model: cannot find the decoder layers of {type(model).__name__} (looked for model.layers, model.decoder.layers, "
+                                "transformer.h, gpt_neox.layers, layers); safeguard knows Llama-style models")
 
 
 class _Stopped(Exception):
@@ -431,7 +432,7 @@ class RunState:
         def fn(module: Any, args: Any, output: Any) -> Any:
             h = output[0] if isinstance(output, tuple) else output
             if h.shape[0] != self.batch_size:
-                raise RuntimeError(
+                raise SteeringError(
                     f"steering was set up for {self.batch_size} rows but layer {layer} saw {h.shape[0]}; "
                     "beam search and num_return_sequences > 1 are not supported while steering"
                 )
@@ -487,25 +488,37 @@ def _action(p: CompiledPolicy | None, decisions: dict[str, Decision], *, would: 
 
 # ---------------------------------------------------------------------------------------- attaching
 class SteeringHandle:
-    """Hooks registered for one run. ``remove()`` takes every one of them off (idempotent)."""
+    """Hooks registered for one run. ``remove()`` takes every one of them off (idempotent).
+
+    Each hook is recorded *before* it is registered, so an exception or Ctrl-C that lands between torch adding
+    the hook and returning its handle still leaves nothing behind: ``remove()`` also sweeps the recorded modules
+    for the recorded hook functions."""
 
     def __init__(self) -> None:
         self._handles: list[Any] = []
+        self._pending: list[tuple[torch.nn.Module, Any]] = []
 
-    def _track(self, h: Any) -> None:
-        self._handles.append(h)
+    def _register(self, module: torch.nn.Module, fn: Any, *, pre: bool = False, **kwargs: Any) -> None:
+        self._pending.append((module, fn))
+        self._handles.append(module.register_forward_pre_hook(fn, **kwargs) if pre else module.register_forward_hook(fn, **kwargs))
 
     def remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+        while self._pending:
+            module, fn = self._pending.pop()
+            # torch keeps hooks in these dicts keyed by handle id; a hook whose handle never reached us is found by identity
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key in [k for k, v in hooks.items() if v is fn]:
+                    del hooks[key]
+                    for extra in (module._forward_hooks_with_kwargs, module._forward_hooks_always_called, module._forward_pre_hooks_with_kwargs):
+                        extra.pop(key, None)
 
-    def __len__(self) -> int:
-        return len(self._handles)
 
-
-def attach(model: Any, run: RunState) -> SteeringHandle:
-    """Register the run's hooks; on any failure, the hooks registered so far are removed and it re-raises."""
-    handle = SteeringHandle()
+def attach(model: Any, run: RunState, handle: SteeringHandle | None = None) -> SteeringHandle:
+    """Register the run's hooks, each tracked in ``handle`` (a new one by default) as it is registered; on any
+    failure, the hooks registered so far are removed and it re-raises."""
+    handle = handle if handle is not None else SteeringHandle()
     run._handle = handle
     try:
         layers = decoder_layers(model)
@@ -524,12 +537,12 @@ def attach(model: Any, run: RunState) -> SteeringHandle:
                 x = args[0]
             run._begin_call(int(x.shape[1]))
 
-        handle._track(_decoder_stack(model).register_forward_pre_hook(count, with_kwargs=True))
+        handle._register(_decoder_stack(model), count, pre=True, with_kwargs=True)
         detect = {layer for p in run.policies if p is not None for layer in p.detect_layers} | run.shadow_layers()
         steer = {layer for p in run.policies if p is not None and p.enforce for layer in p.steer_layers}
         for layer in sorted(wanted):
             if layer in detect or layer in steer:
-                handle._track(layers[layer].register_forward_hook(run.hook(layer, layer in detect, layer in steer)))
+                handle._register(layers[layer], run.hook(layer, layer in detect, layer in steer))
     except BaseException:
         handle.remove()
         raise
@@ -538,9 +551,13 @@ def attach(model: Any, run: RunState) -> SteeringHandle:
 
 @contextmanager
 def steering(model: Any, run: RunState) -> Iterator[RunState]:
-    """Steer ``model`` for the duration of the block; every hook is removed on every exit path."""
-    handle = attach(model, run)
+    """Steer ``model`` for the duration of the block; every hook is removed on every exit path.
+
+    The handle exists before the first hook is registered and registration runs inside the ``try``, so a
+    Ctrl-C at any point, even between registering and entering the block, leaves no hook on the model."""
+    handle = SteeringHandle()
     try:
+        attach(model, run, handle)
         yield run
     finally:
         handle.remove()

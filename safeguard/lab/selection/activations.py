@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ...errors import SelectionError
 from .data import _sha
 from .stats import RunningStats
 
@@ -99,7 +100,7 @@ def _pool(feats: torch.Tensor, row_of: torch.Tensor, rows: int, reduce: str) -> 
     elif reduce == "mean":
         out = out.index_add(0, idx, feats) / torch.bincount(idx, minlength=rows).clamp(min=1)[:, None].to(feats.dtype)
     else:
-        raise ValueError(f"reduce must be 'max' or 'mean', not {reduce!r}")
+        raise SelectionError(f"reduce must be 'max' or 'mean', not {reduce!r}")
     return out.cpu()
 
 
@@ -131,7 +132,7 @@ def collect_prompt_stats(llm: Any, groups: Mapping[str, Sequence[str]], *, detec
     names = list(groups)
     clash = sorted(set(names) & set(detect_only))
     if clash:
-        raise ValueError(f"groups {clash} are given twice (groups and detect_only)")
+        raise SelectionError(f"groups {clash} are given twice (groups and detect_only)")
     detect = RunningStats(sae.d_sae, names + list(detect_only))
     resid = RunningStats(llm.hidden_size, names)
     items = [(g, llm._encode_one(t, True)) for g in names for t in groups[g]]

@@ -12,12 +12,21 @@ import torch
 import typer
 
 from ... import _options as opt
+from ...errors import SafeguardError, SelectionError
 from .method import select
 from .tables import render_table
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.replace(",", " ").split()]
+def _floats(text: str, option: str = "--strengths") -> list[float]:
+    out = []
+    for x in text.replace(",", " ").split():
+        try:
+            out.append(float(x))
+        except ValueError:
+            raise SelectionError(f"{option}: {x!r} is not a number; give comma-separated numbers such as '0.5,1.0'") from None
+    if not out:
+        raise SelectionError(f"{option}: no numbers in {text!r}; give comma-separated numbers such as '0.5,1.0'")
+    return out
 
 
 
@@ -73,14 +82,19 @@ def select_command(
     from ...runtime.llm import SteeredLLM
 
     command = "safeguard select " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "select" else ""
-    llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, quantization=quantization, device=device)
-    res = select(llm, out=out, categories=category or None, pack_id=pack_id, description=description, detect_layer=detect_layer,
-                 steer_layer=steer_layer, n_detect_features=n_detect_features, n_detect_candidates=n_detect_candidates,
-                 n_steer_features=n_steer_features, strengths=_floats(strengths), strength=strength, causal_strength=causal_strength, positions=positions,
-                 threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, relax_margin=relax_margin, strict_fpr=strict_fpr,
-                 max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,
-                 n_wrapped_harmful=n_wrapped_harmful, n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign,
-                 tables=tables, seed=seed, command=command)
+    try:
+        sweep = _floats(strengths)  # before the model loads: a typo fails at once
+        llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, quantization=quantization, device=device)
+        res = select(llm, out=out, categories=category or None, pack_id=pack_id, description=description, detect_layer=detect_layer,
+                     steer_layer=steer_layer, n_detect_features=n_detect_features, n_detect_candidates=n_detect_candidates,
+                     n_steer_features=n_steer_features, strengths=sweep, strength=strength, causal_strength=causal_strength, positions=positions,
+                     threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, relax_margin=relax_margin, strict_fpr=strict_fpr,
+                     max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,
+                     n_wrapped_harmful=n_wrapped_harmful, n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign,
+                     tables=tables, seed=seed, command=command)
+    except SafeguardError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     c = res.chosen
     typer.echo(f"pack: {res.files['pack']} ({res.pack!r}); vectors {res.files['vectors'].name}, provenance {res.files['provenance'].name}")
     typer.echo(f"chosen strength {c.strength:g}: validation harmful refused {c.harmful_refusal:.0%} (unsteered {res.baseline['harmful_refusal']:.0%}), "

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ...errors import SelectionError
 from .activations import _capture, _left_pad_mask, _pool, _token_batches
 
 
@@ -180,7 +181,7 @@ def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detec
     from ...runtime.steering import detection_score
 
     if len({d.category for d in detectors}) != len(detectors):
-        raise ValueError("detectors must have distinct category names")
+        raise SelectionError(f"detectors must have distinct category names, got {[d.category for d in detectors]}")
     union: list[int] = []
     for d in detectors:
         union += [f for f in d.features if f not in union]

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ...errors import SelectionError
 from .activations import PromptStats, ReplyStats, collect_prompt_stats, collect_reply_stats, compliance_replies
 from .calibration import CURVE_TARGETS, LEVEL_TARGETS, RELAX_MARGIN, STRICT_FPR, level_descriptions, operating_points, pack_levels
 from .data import HARMLESS_GROUPS, WRAPPED, SelectionData, _cached, _cap, _sha, selection_data
@@ -34,6 +35,8 @@ class Selection:
     baseline: dict[str, float]
     files: dict[str, Path]
 
+
+_POSITIONS = ("prompt", "generated", "both")
 
 
 def _taxonomy_code(slug: str) -> str | None:
@@ -133,21 +136,24 @@ def select(
     from ..training import COMPLIANT_OPENERS, REFUSALS
 
     if detect_reduce not in ("max", "mean"):
-        raise ValueError(f"detect_reduce must be 'max' or 'mean', not {detect_reduce!r}")
+        raise SelectionError(f"detect_reduce must be 'max' or 'mean', not {detect_reduce!r}")
+    if positions not in _POSITIONS:
+        raise SelectionError(f"positions must be one of {list(_POSITIONS)}, not {positions!r}")
     if n_wrapped_harmful < 0 or n_wrapped_harmless < 0:
-        raise ValueError(f"n_wrapped_harmful and n_wrapped_harmless count prompts (>= 0), got {n_wrapped_harmful} and {n_wrapped_harmless}")
+        raise SelectionError(f"n_wrapped_harmful and n_wrapped_harmless count prompts (>= 0), got {n_wrapped_harmful} and {n_wrapped_harmless}")
     if detect_layer not in llm.saes or steer_layer not in llm.saes:
-        raise ValueError(f"select needs SAEs at the detect layer {detect_layer} and the steer layer {steer_layer}; loaded: {sorted(llm.saes)}")
+        raise SelectionError(f"select needs SAEs at the detect layer {detect_layer} and the steer layer {steer_layer} (detect_layer=, steer_layer=); "
+                             f"loaded: {sorted(llm.saes)}")
     out = Path(out)
     if relax_margin < 0 or not 0 <= strict_fpr < 1 or any(not 0 <= r < 1 for r in curve_targets):
-        raise ValueError(f"relax_margin must be >= 0 and strict_fpr and curve_targets rates in [0, 1); got {relax_margin}, {strict_fpr}, "
+        raise SelectionError(f"relax_margin must be >= 0 and strict_fpr and curve_targets rates in [0, 1); got {relax_margin}, {strict_fpr}, "
                          f"{list(curve_targets)}")
     release = llm.saes[detect_layer].release
     pack_id = pack_id or release
     import re
 
     if not re.match(SLUG, pack_id):
-        raise ValueError(f"pack id {pack_id!r} must be a slug (lower case, digits, '_' or '-'); pass pack_id")
+        raise SelectionError(f"pack id {pack_id!r} must be a slug (lower case, digits, '_' or '-'); pass pack_id")
     table_dir = Path(tables) if tables is not None else out.parent / "selection"
     data = data or selection_data(seed=seed)
     by_cat: dict[str, list[Any]] = {}
@@ -157,7 +163,7 @@ def select(
         categories = [c for c, ps in sorted(by_cat.items()) if c in TAXONOMY and TAXONOMY[c][1] and len(ps) >= min_prompts]
     missing = [c for c in categories if c not in by_cat]
     if missing:
-        raise ValueError(f"no select-part prompts for categories {missing}; categories with prompts: {sorted(by_cat)}")
+        raise SelectionError(f"no select-part prompts for categories {missing} (categories=); categories with prompts: {sorted(by_cat)}")
     cats = list(dict.fromkeys(categories))
     groups = {c: [p.text for p in _cap(by_cat[c], max_per_category, seed)] for c in cats}
     for g in HARMLESS_GROUPS:
@@ -168,7 +174,7 @@ def select(
     if n_wrapped_harmful > 0 or n_wrapped_harmless > 0:
         train_templates, _ = ds.split_templates(ds.load_jailbreak_templates() if templates is None else templates)
         if not train_templates:
-            raise ValueError("no jailbreak template to wrap training prompts in; pass n_wrapped_harmful=0 and n_wrapped_harmless=0")
+            raise SelectionError("templates: no jailbreak template to wrap training prompts in; pass n_wrapped_harmful=0 and n_wrapped_harmless=0")
         templates_used = [t.name for t in train_templates]
         wh = _cap([p for p in data.harmful_select if p.category in cats], n_wrapped_harmful, seed + 13)
         wb = _cap(data.harmless_select, n_wrapped_harmless, seed + 17)
@@ -198,7 +204,7 @@ def select(
         order = torch.argsort(sc["composite"], descending=True)[:max(10, n_detect_candidates)].tolist()
         cands[c] = [f for f in order if float(sc["composite"][f]) > 0][:n_detect_candidates]
         if not cands[c]:
-            raise ValueError(f"no detect-layer feature separates {c!r} from harmless prompts")
+            raise SelectionError(f"categories: no detect-layer feature separates {c!r} from harmless prompts at detect_layer={detect_layer}")
         table[c] = (sc, target, order)
 
     # 2. a second pass pools only the candidates; a logistic probe per category picks and weighs its features
