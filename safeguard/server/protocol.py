@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "ApiError",
@@ -143,14 +143,13 @@ class ChatRequest(_Strict):
             _no_surrogates(s, f"stop[{i}]")
         return stops
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> ChatRequest:
-        for name, ok in (("n", self.n in (None, 1)), ("top_p", self.top_p in (None, 1.0)),
-                         ("presence_penalty", not self.presence_penalty), ("frequency_penalty", not self.frequency_penalty),
-                         ("logprobs", not self.logprobs)):
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by this server")
-        return self
+    @field_validator("n", "top_p", "presence_penalty", "frequency_penalty", "logprobs")
+    @classmethod
+    def _unsupported(cls, v: Any, info: Any) -> Any:
+        neutral = {"n": 1, "top_p": 1.0}.get(info.field_name)
+        if v is not None and v != neutral and (neutral is not None or v):
+            raise ValueError(f"{info.field_name}={v!r} is not supported by this server")
+        return v
 
     def messages_as_dicts(self) -> list[dict[str, str]]:
         return [m.as_dict() for m in self.messages]
