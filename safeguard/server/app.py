@@ -296,7 +296,7 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
     async def health() -> dict[str, Any]:
         s = _ready()
         return {"status": "ok", "model": getattr(s.llm, "model_name", None), "policies": sorted(s.table.policies),
-                "default_policy": s.table.default, "queue_depth": s.inflight, "batching": s.config.batching}
+                "default_policy": s.table.default, "queue_depth": s.inflight, "batching": s.config.batching, "pid": os.getpid()}
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
