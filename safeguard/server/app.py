@@ -50,6 +50,8 @@ __all__ = ["MODEL_PREFIX", "PolicyTable", "ServerConfig", "create_app"]
 
 log = logging.getLogger("safeguard")
 MODEL_PREFIX = "safeguard"
+_POLL_S = 0.25
+"""How often a waiting non-streaming request checks whether its client is still there."""
 
 
 @dataclass(frozen=True)
@@ -363,13 +365,23 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         result = None
         try:
             job = s.batcher.submit(messages, policy, settings, deadline=deadline)
+            waiting = asyncio.wrap_future(job.future)
+            while not waiting.done():  # until the row is done, the deadline passes, or the client leaves
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    job.abandon()
+                    waiting.cancel()
+                    status = 504
+                    raise ApiError(504, f"the request took longer than the server's timeout of {s.config.request_timeout_s} s",
+                                   code="timeout")
+                await asyncio.wait({waiting}, timeout=min(_POLL_S, left))
+                if not waiting.done() and await request.is_disconnected():
+                    job.abandon()  # its row stops at the next decode step
+                    waiting.cancel()
+                    status = 499
+                    return Response(status_code=499)
             try:
-                result = await asyncio.wait_for(asyncio.wrap_future(job.future), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                job.abandon()
-                status = 504
-                raise ApiError(504, f"the request took longer than the server's timeout of {s.config.request_timeout_s} s",
-                               code="timeout") from None
+                result = waiting.result()
             except SafeguardError as exc:
                 status = 400
                 raise _safeguard_error(exc) from None

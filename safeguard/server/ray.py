@@ -57,8 +57,12 @@ def build_deployment(loader: Callable[[], Any], policies: Mapping[str, Any] | No
     """The bound Ray Serve application: ``replicas`` copies of the server, each with ``num_cpus`` / ``num_gpus``.
     ``loader`` is a picklable no-argument callable returning a ``SteeredLLM`` (``functools.partial(load_pretrained, ...)``);
     ``policies`` maps names to ``Policy`` objects or files readable on every node."""
+    from ..runtime.policy import Policy
+
     serve = _serve()
     config = config or ServerConfig()
+    # loaded here, so a broken file fails before any replica starts and relative paths mean the caller's directory
+    policies = {n: Policy.load(Path(p).resolve() if isinstance(p, (str, Path)) and Path(p).is_file() else p) for n, p in (policies or {}).items()}
     cls = serve.ingress()(SafeguardReplica)
     dep = serve.deployment(cls, name="safeguard", num_replicas=replicas, max_ongoing_requests=config.max_queue,
                            ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus})
@@ -70,11 +74,7 @@ def serve_ray(load: Mapping[str, Any], policies: Mapping[str, Any] | None, *, de
     """``safeguard serve --ray``: start (or join, with ``RAY_ADDRESS``) a Ray cluster, run the deployment, block until Ctrl-C."""
     import ray
 
-    from ..runtime.policy import Policy
-
     serve = _serve()
-    # loaded here, so a broken file fails before any replica starts and relative paths mean the caller's directory
-    policies = {n: Policy.load(Path(p).resolve() if isinstance(p, str) and Path(p).is_file() else p) for n, p in (policies or {}).items()}
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     app = build_deployment(functools.partial(load_pretrained, **load), policies, default_policy=default_policy, config=config,
