@@ -443,3 +443,16 @@ def test_client_gone_stops_non_streaming_row(long_llm):
             time.sleep(0.1)
         assert _metric(base, 'safeguard_requests_total{endpoint="chat",policy="default",status="499"}') == 1
         assert _post(base, {"model": "safeguard", "messages": HI, "max_tokens": 2}).status_code == 200  # the model is free
+
+
+def test_stream_never_leaks_a_multi_token_stop_string(served):
+    c = _client(served)
+    pieces = [ch.choices[0].delta.content for ch in c.chat.completions.create(model="safeguard/fires", messages=HI, max_tokens=12, stream=True)
+              if ch.choices and ch.choices[0].delta.content]
+    stop = pieces[1] + pieces[2][:3]  # spans two tokens
+    assert "\n" not in stop and len(pieces[1]) > 1
+    whole = "".join(pieces)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="safeguard/fires", messages=HI, max_tokens=12, stream=True, stop=[stop]) if ch.choices)
+    assert streamed == whole[:whole.index(stop)] and stop not in streamed
+    assert streamed == c.chat.completions.create(model="safeguard/fires", messages=HI, max_tokens=12, stop=[stop]).choices[0].message.content

@@ -236,6 +236,17 @@ def _report_headers(name: str, report: Any) -> dict[str, str]:
             "x-safeguard-report": json.dumps(_report(name, report), separators=(",", ":"))}
 
 
+def _safe_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of ``text`` can be sent: up to the first stop string, less any tail that could start one."""
+    if not stops:
+        return len(text)
+    cut = min((text.find(st) for st in stops if st in text), default=-1)
+    if cut >= 0:
+        return cut
+    hold = max((k for st in stops for k in range(min(len(st) - 1, len(text)), 0, -1) if text.endswith(st[:k])), default=0)
+    return len(text) - hold
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -455,7 +466,7 @@ async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings
 
     async def events() -> AsyncIterator[str]:
         cid, created = new_id("chatcmpl"), int(time.time())
-        first = True
+        first, text, sent = True, "", ""
         yield _sse(chat_chunk(cid, created, model_id, delta={"role": "assistant", "content": ""}))
         try:
             while True:
@@ -471,7 +482,11 @@ async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings
                     if first:
                         s.metrics.ttft.observe(time.monotonic() - t0)
                         first = False
-                    yield _sse(chat_chunk(cid, created, model_id, delta={"content": value}))
+                    text += value
+                    safe = _safe_length(text, settings.stop)  # never send the start of what may become a stop string
+                    if safe > len(sent):
+                        yield _sse(chat_chunk(cid, created, model_id, delta={"content": text[len(sent):safe]}))
+                        sent = text[:safe]
                     continue
                 if kind == "error":
                     state["status"] = 400 if isinstance(value, SafeguardError) else 500
@@ -485,6 +500,8 @@ async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings
                     yield _sse(error_body(504, f"the request took longer than the server's timeout of {s.config.request_timeout_s} s",
                                           code="timeout"))
                     break
+                if result.text.startswith(sent) and len(result.text) > len(sent):  # what was held back and is not a stop string
+                    yield _sse(chat_chunk(cid, created, model_id, delta={"content": result.text[len(sent):]}))
                 report = _report(name, result.report)
                 state["status"] = 200
                 yield _sse(chat_chunk(cid, created, model_id, finish=finish_reason(result.finish_reason), report=report))
