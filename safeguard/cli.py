@@ -213,35 +213,13 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions (streaming too), /v1/models, /v1/moderations, /health, /metrics."""
-    from . import SafeguardError
-
     try:
-        from .server import ServerConfig, create_app
-        from .server.run import parse_policy_flags, serve_uvicorn
+        from .server.run import serve_command
     except ImportError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
-    try:
-        policies = parse_policy_flags(policy)
-        config = ServerConfig(api_key=api_key or None, max_body_bytes=max_body, max_tokens=max_tokens,
-                              default_max_tokens=min(256, max_tokens), request_timeout_s=timeout, max_queue=max_queue,
-                              batching=batching, batch_window_s=batch_window_ms / 1000, max_batch=max_batch)
-        load = dict(model=model, sae=list(sae) if sae else None, quantization=quantization, device=device, threads=threads)
-        if ray:
-            from .server.ray import serve_ray
-
-            serve_ray(load, policies, default_policy=default_policy, config=config, host=host, port=port, replicas=replicas,
-                      num_cpus=replica_cpus, num_gpus=replica_gpus)
-            return
-        _threads(threads)
-        from . import SteeredLLM
-
-        llm = SteeredLLM.from_pretrained(model, sae=load["sae"], quantization=quantization, device=device)
-        app_ = create_app(llm, policies, default_policy=default_policy, config=config)
-    except (SafeguardError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    serve_uvicorn(app_, host=host, port=port)
+    if not serve_command(**locals()):
+        raise typer.Exit(1)
 
 
 @app.command(
