@@ -102,7 +102,7 @@ def test_models_and_health(served):
     assert h["status"] == "ok" and h["policies"] == ["default", "fires", "quiet"]
 
 
-def test_openai_sync_report_and_policy_choice(served):
+def test_openai_sync_report_and_policy_choice(served, llm):
     c = _client(served)
     quiet = c.chat.completions.create(model="safeguard/quiet", messages=HI, max_tokens=6)
     fires = c.chat.completions.create(model="safeguard", messages=HI, max_tokens=6, extra_body={"safeguard": {"policy": "fires"}})
@@ -110,7 +110,7 @@ def test_openai_sync_report_and_policy_choice(served):
     rq, rf = quiet.model_extra["safeguard"], fires.model_extra["safeguard"]
     assert (rq["policy"], rq["fired"], rq["applied"]) == ("quiet", [], [])
     assert rf["policy"] == "fires" and rf["fired"] == ["cyber"] and rf["applied"][0]["kind"] == "add"
-    assert rf["policy_hash"] == _policies()["fires"].content_hash
+    assert rf["policy_hash"] == llm.compile_policy(_policies()["fires"]).hash  # policy, pack and SAE weights
     assert quiet.usage.completion_tokens == 6 and quiet.choices[0].finish_reason == "length"
     assert quiet.usage.total_tokens == quiet.usage.prompt_tokens + 6
 
