@@ -123,10 +123,10 @@ def resolve(policy: Policy, pack: Pack | None) -> ResolvedPolicy:
         label = rule.label or (pc.label if pc is not None else cid.replace("_", " ").capitalize())
         out.append(ResolvedCategory(cid, label, response, detect, tuple(steer) if response in ("refuse", "redirect") else (), sens,
                                     policy.message_of(cid) if response == "block" else None, fpr, recall, rule.note))
-    explicit = any(c.sensitivity == "explicit" or (c.steer and c.steer[0][1] is not None and c.response == "refuse") for c in out)
-    model = pack.model if pack is not None else policy.model
-    sae = pack.sae if pack is not None else policy.sae
+    explicit = any(r.detect is not None or r.steer is not None for r in policy.categories.values())
     if explicit and pack is not None and policy.sae is not None and policy.sae != pack.sae:
         raise PolicyError(f"{where}: field 'sae' is {policy.sae!r}, but pack {pack.id!r} indexes {pack.sae!r}")
-    return ResolvedPolicy(policy, pack, tuple(out), model or policy.model, sae or policy.sae)
+    if pack is not None:
+        return ResolvedPolicy(policy, pack, tuple(out), pack.model, pack.sae)
+    return ResolvedPolicy(policy, None, tuple(out), policy.model, policy.sae)
 
