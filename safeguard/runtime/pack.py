@@ -48,7 +48,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ..errors import PolicyError
 from ._files import contained_path, read_yaml
 from .names import same_model
-from .policy import SLUG, AddAction, ClampAction, Detect, Strict, Taxonomy, describe_validation
+from .policy import SLUG, AddAction, ClampAction, Detect, Strict, Taxonomy, check_slugs, describe_validation
 
 __all__ = ["LEVELS", "OperatingPoint", "Pack", "PackCategory", "bundled_packs", "find_pack"]
 
@@ -161,12 +161,7 @@ class Pack(Strict):
     @field_validator("categories")
     @classmethod
     def _slugs(cls, v: dict[str, PackCategory]) -> dict[str, PackCategory]:
-        import re
-
-        bad = [k for k in v if not re.match(SLUG, k)]
-        if bad:
-            raise ValueError(f"category ids must be slugs (lower case, digits, '_' or '-'): {bad}")
-        return v
+        return check_slugs(v)
 
     @model_validator(mode="after")
     def _files(self) -> Pack:

@@ -222,10 +222,7 @@ class Policy(Strict):
     @field_validator("categories")
     @classmethod
     def _slugs(cls, v: dict[str, CategoryRule]) -> dict[str, CategoryRule]:
-        bad = [k for k in v if not re.match(SLUG, k)]
-        if bad:
-            raise ValueError(f"category ids must be taxonomy slugs (lower case, digits, '_' or '-'): {bad}")
-        return v
+        return check_slugs(v)
 
     @model_validator(mode="after")
     def _explicit(self) -> Policy:
@@ -341,6 +338,14 @@ class Policy(Strict):
     def __repr__(self) -> str:
         ext = f", extends={self.extends!r}" if self.extends else ""
         return f"Policy(name={self.name!r}, version={self.version!r}{ext}, mode={self.mode!r}, categories={len(self.categories)}, hash={self.short_hash})"
+
+
+def check_slugs(categories: dict[str, Any]) -> dict[str, Any]:
+    """Category ids are taxonomy slugs; a mapping with any other key is refused (a pydantic validator's body)."""
+    bad = [k for k in categories if not re.match(SLUG, k)]
+    if bad:
+        raise ValueError(f"category ids must be taxonomy slugs (lower case, digits, '_' or '-'): {[_key(k) for k in bad]}")
+    return categories
 
 
 # --------------------------------------------------------------------------------------------- files
