@@ -25,8 +25,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from safeguard import SteeredLLM
     from _prompts import bench_prompts
+
+    from safeguard import SteeredLLM
 
     llm = SteeredLLM.from_pretrained()
     cases = bench_prompts()
