@@ -37,8 +37,9 @@ def main() -> None:
     llm = SteeredLLM.from_pretrained()
     region_policy = {region: args.policies / f"{region}.yaml" if args.policies else region for region in ("eu", "us")}
     for region, path in region_policy.items():  # validate and compile at startup: a bad file fails here, not mid-traffic
-        p = llm.compile_policy(path).policy
-        print(f"{region}: {path.name} -> {p.name} {p.version} ({p.short_hash}), {len(p.active_categories)} categories, mode {p.mode}")
+        c = llm.compile_policy(path)
+        print(f"{region}: {path} -> {c.policy.name} {c.policy.version} ({c.hash[:12]}), {len(c.categories)} categories enforced, "
+              f"mode {c.policy.mode}, pack {c.pack.id if c.pack else None}")
 
     print("\n== one request at a time, policy swapped per request ==")
     for prompt in prompts:

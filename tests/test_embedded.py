@@ -37,7 +37,7 @@ def test_default_load_has_model_bundled_saes_and_policy(default_llm):
     llm = default_llm
     assert llm.model_name == "SmolLM2-135M-Instruct" and llm.num_layers == 30 and llm.hidden_size == 576
     assert len(llm.saes) >= 1 and all(s.release == "smollm2-135m-instruct" for s in llm.saes.values())
-    assert llm.policy is not None and llm.policy.name == "default" and llm.policy.model == "SmolLM2-135M-Instruct"
+    assert llm.policy is not None and llm.policy.name == "default" and llm.pack.model == "SmolLM2-135M-Instruct" and llm.pack.measured
     for s in llm.saes.values():
         assert s.info.get("command", "").startswith("safeguard train-sae"), "the bundled SAE records the command that made it"
 
