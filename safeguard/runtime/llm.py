@@ -6,8 +6,10 @@ Prompt to text::
         ─► model.generate inside steering(model, run)  (hooks detect at prefill, steer fired rows)
         ─► text cut at end-of-turn or a stop string ─► GenerationResult(text, report)
 
-Generation holds a lock: hooks are registered on the one shared model for the length of a call, so two
-threads never see each other's steering. Per-row policies in one batch need no lock between rows.
+Two locks. Generation holds ``_model_lock``: hooks are registered on the one shared model for the length of a
+call, so two threads never see each other's steering (per-row policies in one batch need no lock between rows).
+The active policy and the compile cache have their own short ``_state_lock``, so ``use_policy`` never waits
+behind a running generation; a call resolves its policy before it takes the model, and keeps it.
 """
 
 from __future__ import annotations
@@ -153,7 +155,10 @@ class SteeredLLM:
         for s in saes.values():
             s.check_fits(loaded.name, self.hidden_size, self.num_layers)
         self.context_window = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
-        self._lock = threading.RLock()
+        self._model_lock = threading.RLock()
+        """Held for the length of a forward pass or a generate call (hooks on the shared model)."""
+        self._state_lock = threading.Lock()
+        """Held for a few dict operations: the active policy and the compile cache."""
         self._compiled: OrderedDict[tuple[str, str | None, bool], CompiledPolicy] = OrderedDict()
         self._active: CompiledPolicy | None = None
         if policy is not None:
@@ -230,7 +235,8 @@ class SteeredLLM:
     @property
     def policy(self) -> Policy | None:
         """The active policy."""
-        return self._active.policy if self._active else None
+        active = self._active  # one read: use_policy may swap it meanwhile
+        return active.policy if active else None
 
     def compile_policy(self, policy: PolicyLike, *, monitor: bool = False) -> CompiledPolicy:
         """Validate, resolve against the pack and compile a policy for this model (cached by content hash).
@@ -240,7 +246,7 @@ class SteeredLLM:
         _check_policy_like(policy)
         p = Policy.load(policy)
         key = (p.content_hash, self.pack.content_hash if self.pack else None, monitor)
-        with self._lock:
+        with self._state_lock:
             if key in self._compiled:
                 self._compiled.move_to_end(key)
                 return self._compiled[key]
@@ -249,7 +255,7 @@ class SteeredLLM:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         compiled = CompiledPolicy(resolve(p, self.pack), self.saes, model_name=self.model_name, num_layers=self.num_layers, device=self.device,
                                   dtype=dtype, monitor=monitor)
-        with self._lock:
+        with self._state_lock:
             self._compiled[key] = compiled
             while len(self._compiled) > 32:
                 self._compiled.popitem(last=False)
@@ -259,7 +265,7 @@ class SteeredLLM:
         """Swap the active policy without reloading the model. The new policy is validated and compiled
         first; if that fails, the old one stays active. Calls already running keep the policy they began with."""
         compiled = None if policy is None else self.compile_policy(policy)
-        with self._lock:
+        with self._state_lock:
             self._active = compiled
         if compiled is not None:
             log.info("policy active: %s %s (%s)", compiled.policy.name, compiled.policy.version, compiled.hash[:12])
@@ -401,7 +407,7 @@ class SteeredLLM:
             from transformers import LogitsProcessorList
 
             kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), _EndBlockedRows(run, sorted(self._eos_ids()))])
-        with self._lock, torch.inference_mode():
+        with self._model_lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
             with steering(self.model, run):
@@ -548,7 +554,7 @@ class SteeredLLM:
         layers = set(policy.detect_layers) | run.shadow_layers()
         if layers:  # else every category is off: nothing to detect
             dev = self.device
-            with self._lock, torch.inference_mode(), steering(self.model, run):  # the engine's hooks decide at the detect layers
+            with self._model_lock, torch.inference_mode(), steering(self.model, run):  # the engine's hooks decide at the detect layers
                 forward_until(self.model, decoder_layers(self.model)[max(layers)], input_ids=ids.to(dev),
                               attention_mask=attn.to(dev), position_ids=generate_positions(attn).to(dev))
         total = time.perf_counter() - t0
