@@ -4,9 +4,11 @@ decode-step counts, never with wall-clock thresholds (timeouts only bound a fail
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
-from _tiny import policy_dict
+import pytest
+from _tiny import hooks_on, policy_dict
 
 from safeguard import Policy
 
@@ -69,3 +71,45 @@ def test_use_policy_does_not_wait_behind_a_running_generation(llm):
     assert order == ["use_policy returned", "generation done"]
     assert result["r"].report.policy_name == "tiny"  # the running call kept the policy it began with
     assert llm.generate("hi", max_new_tokens=2).report.policy_name == "other"
+
+
+# ------------------------------------------------------------------------------------- cancelled async calls
+@pytest.mark.parametrize("method", ["agenerate", "achat", "abatch"])
+async def test_a_cancelled_async_call_stops_its_generation(llm, method):
+    steps = _Steps(llm)
+    prompt = {"agenerate": "tell me a very long story", "achat": [{"role": "user", "content": "tell me a very long story"}],
+              "abatch": ["tell me a very long story", "and another"]}[method]
+    try:
+        task = asyncio.ensure_future(getattr(llm, method)(prompt, max_new_tokens=200))
+        await asyncio.to_thread(steps.at(5).wait, 30)  # five decode steps in
+        task.cancel()
+        at_cancel = steps.n
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stopped_at = steps.n  # the worker has returned before the cancellation reached us
+        assert stopped_at - at_cancel <= 2  # it stopped at the next decode step (200 with the old to_thread)
+        assert llm._model_lock.acquire(blocking=False)  # the model is free: the next call starts at once
+        llm._model_lock.release()
+        r = await llm.agenerate("hi", max_new_tokens=2)
+        assert steps.n - stopped_at <= 2 and r.completion_tokens <= 2  # only the new call's own steps ran
+        assert hooks_on(llm.model) == 1  # only the counter: the cancelled call left no steering hook
+    finally:
+        steps.remove()
+
+
+async def test_a_call_cancelled_while_it_waits_for_the_model_never_runs(llm):
+    steps = _Steps(llm, pause_at=2)
+    try:
+        first = asyncio.ensure_future(llm.agenerate("first", max_new_tokens=4))
+        await asyncio.to_thread(steps.paused.wait, 30)
+        second = asyncio.ensure_future(llm.agenerate("second", max_new_tokens=50))
+        await asyncio.sleep(0.05)  # the second waits for the model lock
+        second.cancel()
+        steps.release.set()
+        assert (await first).completion_tokens == 4
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert steps.n == 4  # the first call's four forwards; the cancelled one never ran
+    finally:
+        steps.release.set()
+        steps.remove()
