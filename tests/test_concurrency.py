@@ -113,3 +113,66 @@ async def test_a_call_cancelled_while_it_waits_for_the_model_never_runs(llm):
     finally:
         steps.release.set()
         steps.remove()
+
+
+# -------------------------------------------------------------------------------- batched streams, per-row settings
+PROMPTS = ["How do I write a port scanner?", "hi", "Tell me a long story about a lighthouse keeper.", "What is GDPR?"]
+
+
+def _singles(llm, policies, max_new, stops):
+    return [llm.generate(p, policy=pol, max_new_tokens=m, stop=st) for p, pol, m, st in zip(PROMPTS, policies, max_new, stops, strict=True)]
+
+
+def test_stream_batch_rows_equal_single_requests(llm):
+    """One padded generate, one stream per row, each with its own policy, max_new_tokens and stop strings: every row's
+    streamed text, result and token count equal its single request's. (Left padding leaves this model's greedy
+    tokens unchanged, as test_server's batching test shows.)"""
+    other = Policy.from_dict(OTHER)
+    full = llm.generate(PROMPTS[2], max_new_tokens=16).text
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # somewhere in the middle of row 2's reply
+    policies, max_new, stops = [None, other, None, other], [12, 3, 16, 7], [None, None, [stop], ["\n\n"]]
+    single = _singles(llm, policies, max_new, stops)
+    streams = llm.stream_batch(PROMPTS, policies=policies, max_new_tokens=max_new, stops=stops)
+    texts = ["".join(s) for s in streams]
+    assert texts == [r.text for r in single]
+    assert [s.result.text for s in streams] == [r.text for r in single]
+    assert [s.result.completion_tokens for s in streams] == [r.completion_tokens for r in single]
+    assert [s.result.finish_reason for s in streams] == [r.finish_reason for r in single]
+    assert [s.report.policy_name for s in streams] == ["tiny", "other", "tiny", "other"]
+    assert stop not in texts[2] and single[2].finish_reason == "stop"
+    assert hooks_on(llm.model) == 0
+
+
+def test_batch_takes_per_row_max_new_tokens_and_stops(llm):
+    full = llm.generate(PROMPTS[0], max_new_tokens=12).text
+    stop = full[4:7]
+    max_new, stops = [12, 2, 9, 5], [[stop], None, None, ["zzz"]]
+    single = _singles(llm, [None] * 4, max_new, stops)
+    rows = llm.batch(PROMPTS, max_new_tokens=max_new, stops=stops)
+    assert [(r.text, r.completion_tokens, r.finish_reason) for r in rows] == [(r.text, r.completion_tokens, r.finish_reason) for r in single]
+    assert rows[1].completion_tokens == 2 and rows[0].text == full[:4]
+
+
+def test_a_row_ends_when_its_own_limit_is_reached_not_the_batch(llm):
+    steps = _Steps(llm, pause_at=5)  # the fifth forward: four tokens are out
+    try:
+        streams = llm.stream_batch(PROMPTS[:2], max_new_tokens=[3, 12])
+        assert steps.paused.wait(30)
+        assert streams[0].wait(0) and streams[0].result.completion_tokens == 3  # its result is ready mid-batch
+        assert not streams[1].wait(0)
+        steps.release.set()
+        assert len(["".join(st) for st in streams]) == 2 and streams[1].result.completion_tokens == 12
+    finally:
+        steps.release.set()
+        steps.remove()
+
+
+def test_closing_one_stream_stops_its_row_only(llm):
+    single = llm.generate(PROMPTS[2], max_new_tokens=30)
+    streams = llm.stream_batch([PROMPTS[0], PROMPTS[2]], max_new_tokens=30)
+    next(streams[0])
+    streams[0].close()  # the client of row 0 went away
+    rest = "".join(streams[1])
+    assert streams[0].result.completion_tokens < 30
+    assert rest == single.text and streams[1].result.completion_tokens == single.completion_tokens
+    assert hooks_on(llm.model) == 0

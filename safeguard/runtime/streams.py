@@ -204,6 +204,10 @@ class TextStream(Iterator[str]):
                 return
         fn(b.results[self._row], b.errors[self._row])
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until this row has ended (its text is all generated, whether or not it was read); True if it has."""
+        return self._batch.finished[self._row].wait(timeout)
+
     def _next_or_none(self) -> str | None:
         try:
             return next(self)

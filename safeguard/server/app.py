@@ -3,7 +3,7 @@
 Request to reply::
 
     POST /v1/chat/completions ─► API key ─► body limit ─► ChatRequest (400 naming the field) ─► policy by name
-        ─► admission (429 when the queue is full) ─► MicroBatcher (non-streaming) or llm.stream (SSE)
+        ─► admission (429 when the queue is full) ─► MicroBatcher: one generate for concurrent requests, streaming or not
         ─► reply with usage and the steering report under ``safeguard`` ─► metrics, one log record
 
 Policies are named on the server (``policies={"eu": "policies/eu.yaml"}``); a request picks one with
@@ -122,21 +122,6 @@ class PolicyTable:
         if name not in self.policies:
             raise ApiError(400, f"unknown policy {name[:100]!r}; known policies: {sorted(self.policies)}", param=param, code="policy_not_found")
         return name, self.policies[name]
-
-
-class _Cancel:
-    """Deadline and abandonment of one streaming request, read by its pump thread."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self._event = threading.Event()
-
-    def abandon(self) -> None:
-        self._event.set()
-
-    @property
-    def abandoned(self) -> bool:
-        return self._event.is_set() or time.monotonic() >= self.deadline
 
 
 class _Server:
@@ -371,7 +356,7 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         deadline = t0 + s.config.request_timeout_s
         s.admit()
         if req.stream:
-            return await _stream(s, req, name, policy, settings, messages, model_id, t0, deadline)
+            return await _stream(s, request, req, name, policy, settings, messages, model_id, t0, deadline)
         status = 500
         result = None
         try:
@@ -408,23 +393,34 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
     return app
 
 
-async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings: Settings, messages: list[dict[str, str]],
-                  model_id: str, t0: float, deadline: float) -> Response:
-    """Start ``llm.stream`` (bad input is still a 400 here) and answer with SSE chunks fed by a pump thread."""
-    cancel = _Cancel(deadline)
+async def _stream(s: _Server, request: Request, req: ChatRequest, name: str, policy: Any, settings: Settings,
+                  messages: list[dict[str, str]], model_id: str, t0: float, deadline: float) -> Response:
+    """Queue a streaming row with the batcher (bad input is still a 400 here) and answer with SSE chunks fed by a pump
+    thread. Concurrent streams share one padded generate call, as non-streaming requests do."""
     state: dict[str, Any] = {"status": 500, "result": None, "done": False}
+    job = s.batcher.submit(messages, policy, settings, deadline=deadline, stream=True)
 
     def cleanup() -> None:
         if state["done"]:
             return
         state["done"] = True
-        cancel.abandon()  # the pump closes the stream at its next piece, which stops generation
+        job.abandon()  # its row stops at the next decode step
         s.release()
         s.record("chat_stream", name, state["status"], t0)  # tokens and fired categories: counted by the pump
 
+    waiting = asyncio.wrap_future(job.future)
     try:
-        stream = await asyncio.to_thread(s.llm.stream, messages, policy=policy, max_new_tokens=settings.max_new_tokens,
-                                         temperature=settings.temperature, stop=list(settings.stop) or None, seed=settings.seed)
+        while not waiting.done():  # until its batch starts, the deadline passes, or the client leaves
+            left = deadline - time.monotonic()
+            if left <= 0:
+                state["status"] = 504
+                raise ApiError(504, f"the request took longer than the server's timeout of {s.config.request_timeout_s} s", code="timeout")
+            await asyncio.wait({waiting}, timeout=min(_POLL_S, left))
+            if not waiting.done() and await request.is_disconnected():
+                state["status"] = 499
+                cleanup()
+                return Response(status_code=499)
+        stream = waiting.result()
     except SafeguardError as exc:
         state["status"] = 400
         cleanup()
@@ -444,18 +440,16 @@ async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings
             pass
 
     def pump() -> None:
-        stopped = False
         try:
             for piece in stream:
-                if cancel.abandoned:
-                    stopped = True
+                if job.abandoned:
                     break
                 put(("piece", piece))
-            stream.close()  # stops generation when we broke out early; a no-op after the last piece
+            stream.close()  # stops its row when we broke out early; a no-op after the last piece
             result = stream.result
             if result is not None:
                 s.record_result(name, result)
-            if stopped:
+            if job.abandoned:
                 s.metrics.streams_stopped.inc()
             put(("done", result))
         except BaseException as exc:
@@ -474,7 +468,7 @@ async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings
                     kind, value = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
                     state["status"] = 504
-                    cancel.abandon()
+                    job.abandon()
                     yield _sse(error_body(504, f"the request took longer than the server's timeout of {s.config.request_timeout_s} s",
                                           code="timeout"))
                     break
@@ -495,7 +489,7 @@ async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings
                     break
                 result = value
                 state["result"] = result
-                if cancel.abandoned:  # stopped at the deadline between two pieces
+                if job.abandoned:  # stopped at the deadline between two pieces
                     state["status"] = 504
                     yield _sse(error_body(504, f"the request took longer than the server's timeout of {s.config.request_timeout_s} s",
                                           code="timeout"))
