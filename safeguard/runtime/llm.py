@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .. import telemetry
 from ..errors import InputError, PolicyError, SAEError
 from ._files import contained_path
 from .compile import resolve
@@ -407,11 +408,13 @@ class SteeredLLM:
         on_piece: Callable[[int, str], None] | None = None,
         on_done: Callable[[int, GenerationResult], None] | None = None,
         shadows: Sequence[Sequence[CompiledPolicy]] | None = None,
+        parents: Sequence[Any] | None = None,
     ) -> list[GenerationResult]:
         """One padded generate call. Per row: ``max_new_tokens`` (an int, or one per row), stop strings (``stops``,
         one list per row, else ``stop`` for all), ``stop_when`` (polled each decode step; True ends the row), and
         ``on_done(row, result)`` as soon as the row ends. The whole call also stops when the calling context was
-        cancelled (``_CANCEL``, set by the async methods)."""
+        cancelled (``_CANCEL``, set by the async methods). Each row gets a trace span (``parents``: one trace context
+        per row; default: the current one) that ends with the row."""
         from transformers import StoppingCriteriaList
 
         t0 = time.perf_counter()
@@ -428,10 +431,16 @@ class SteeredLLM:
         whens = [_either(cancel, stop_when[row] if stop_when is not None else None) for row in range(n)]
         eos = self._eos_ids()
         results: list[GenerationResult | None] = [None] * n
+        temp = _temperature(temperature)
+        spans = [telemetry.start_span("chat", self.model_name, parent=parents[row] if parents is not None else None,
+                                      attributes={"gen_ai.request.max_tokens": max_new[row], "gen_ai.request.temperature": temp or 0.0})
+                 for row in range(n)]
 
         def finish(row: int, gen: list[int], reason: str | None) -> None:
             results[row] = r = self._row_result(prompts[row], run, row, gen, reason, max_new[row], row_stops[row], int(attn[row].sum()),
                                                 extra.get("max_time") is not None, time.perf_counter() - t0)
+            spans[row].record_result(r)
+            spans[row].end()
             if on_done is not None:
                 on_done(row, r)
 
@@ -443,12 +452,18 @@ class SteeredLLM:
 
             kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), _EndBlockedRows(run, sorted(eos))])
         dev = self.device
-        with self._model_lock, torch.inference_mode():
-            if not all(w is not None and w() for w in whens):  # every row was cancelled while it waited: skip the call
-                if seed is not None:
-                    torch.manual_seed(seed)
-                with steering(self.model, run):
-                    self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kw)
+        try:
+            with self._model_lock, torch.inference_mode():
+                if not all(w is not None and w() for w in whens):  # every row was cancelled while it waited: skip the call
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    with steering(self.model, run):
+                        self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kw)
+        except BaseException as exc:
+            for sp in spans:
+                sp.error(exc)
+                sp.end()
+            raise
         rows.end_all()
         return [r for r in results if r is not None]
 
@@ -598,8 +613,14 @@ class SteeredLLM:
         return out
 
     def _classify_chunk(self, texts: list[Any], policy: CompiledPolicy, shadows: list[CompiledPolicy]) -> list[SteeringReport]:
+        with telemetry.span("classify", self.model_name) as sp:
+            reports = self._classify_rows(texts, policy, shadows, sp)
+            return reports
+
+    def _classify_rows(self, texts: list[Any], policy: CompiledPolicy, shadows: list[CompiledPolicy], sp: telemetry.Span) -> list[SteeringReport]:
         t0 = time.perf_counter()
         ids, attn, user = self._encode(texts, True, 0)
+        sp.set_attrs({"gen_ai.usage.input_tokens": int(attn.sum()), "gen_ai.usage.output_tokens": 0})
         run = RunState([policy] * len(texts), user, attn, shadows=[shadows] * len(texts))
         layers = set(policy.detect_layers) | run.shadow_layers()
         if layers:  # else every category is off: nothing to detect
@@ -611,6 +632,10 @@ class SteeredLLM:
         reports = [SteeringReport.from_run(run, row, total) for row in range(len(texts))]
         for text, report in zip(texts, reports, strict=True):
             self._log(text, report)
+        fired = sorted({c for r in reports for c in r.fired})
+        sp.set_attrs({"safeguard.policy.name": policy.policy.name, "safeguard.policy.hash": policy.hash,
+                      "safeguard.pack.id": policy.pack.id if policy.pack else None, "safeguard.fired": fired,
+                      "safeguard.action": "monitor" if fired else "none"})
         return reports
 
     def stream(self, prompt: PromptLike, *, max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None,
@@ -625,7 +650,8 @@ class SteeredLLM:
                      max_new_tokens: int | Sequence[int] = 128, steer: bool = True, policy: PolicyLike | None = None,
                      temperature: float | None = None, stop: Sequence[str] | None = None, stops: Sequence[Sequence[str] | None] | None = None,
                      template: bool = True, seed: int | None = None, shadow: Sequence[PolicyLike] | None = None,
-                     stop_when: Sequence[Callable[[], bool] | None] | None = None, **generation_kwargs: Any) -> list[TextStream]:
+                     stop_when: Sequence[Callable[[], bool] | None] | None = None, _parents: Sequence[Any] | None = None,
+                     **generation_kwargs: Any) -> list[TextStream]:
         """Stream many replies from one padded generate call: one ``TextStream`` per prompt, each ending at its own
         end of turn, stop string or ``max_new_tokens``. Greedy rows equal their single-request text.
 
@@ -649,11 +675,12 @@ class SteeredLLM:
             self._encode_one(p, template)
         shadows = [self._shadows(c, shadow) for c in compiled]
         batch = _Batch(n)
+        parents = list(_parents) if _parents is not None else [telemetry.current_context()] * n  # spans parent to the caller's
         whens = [_either(batch.stopped[row], stop_when[row] if stop_when is not None else None) for row in range(n)]
         streams = [TextStream(batch, row, row_stops[row]) for row in range(n)]
         batch.start(lambda: self._run(prompts, compiled, max_new_tokens=max_new, temperature=temperature, stop=None, stops=row_stops,
                                       template=template, seed=seed, extra=generation_kwargs, stop_when=whens, on_piece=batch.piece,
-                                      on_done=batch.end, shadows=shadows))
+                                      on_done=batch.end, shadows=shadows, parents=parents))
         return streams
 
     async def agenerate(self, prompt: str, **kwargs: Any) -> GenerationResult:

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import telemetry
 from ..errors import InputError, PolicyError, SafeguardError
 from .batcher import MicroBatcher, Settings
 from .metrics import Metrics
@@ -211,6 +212,15 @@ class _Server:
             self.metrics.fired.labels(policy=policy, category=cat).inc()
 
 
+def _end_span(span: telemetry.Span, status: int, result: Any = None) -> None:
+    span.set_attrs({"http.response.status_code": status})
+    if result is not None:
+        span.record_result(result)
+    if status >= 500:
+        span.set_attrs({"error.type": str(status)})
+    span.end()
+
+
 def _report(name: str, report: Any) -> dict[str, Any]:
     return {"policy": name, **report.to_dict()}
 
@@ -320,8 +330,10 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         name, policy = s.table.resolve(req.model, req.safeguard.policy if req.safeguard else None)
         s.admit()
         status, reports = 500, None
+        span = telemetry.start_span("classify", f"{MODEL_PREFIX}/{name}", server=True)
         try:
-            reports = await asyncio.wait_for(asyncio.to_thread(s.llm.classify, req.texts(), policy=policy), s.config.request_timeout_s)
+            with telemetry.attached(span):  # the model's classify span nests under the request's
+                reports = await asyncio.wait_for(asyncio.to_thread(s.llm.classify, req.texts(), policy=policy), s.config.request_timeout_s)
             status = 200
         except TimeoutError:
             status = 504
@@ -332,6 +344,9 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         finally:
             s.release()
             s.record("moderations", name, status, t0)
+            if reports:
+                span.set_attrs({"safeguard.fired": sorted({c for r in reports for c in r.fired})})
+            _end_span(span, status)
         for r in reports:
             for cat in r.fired:
                 s.metrics.fired.labels(policy=name, category=cat).inc()
@@ -354,13 +369,19 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         messages = req.messages_as_dicts()
         model_id = f"{MODEL_PREFIX}/{name}"
         deadline = t0 + s.config.request_timeout_s
-        s.admit()
+        span = telemetry.start_span("chat", model_id, server=True, attributes={
+            "gen_ai.request.max_tokens": settings.max_new_tokens, "gen_ai.request.temperature": settings.temperature or 0.0})
+        try:
+            s.admit()
+        except ApiError as exc:
+            _end_span(span, exc.status)
+            raise
         if req.stream:
-            return await _stream(s, request, req, name, policy, settings, messages, model_id, t0, deadline)
+            return await _stream(s, request, req, name, policy, settings, messages, model_id, t0, deadline, span)
         status = 500
         result = None
         try:
-            job = s.batcher.submit(messages, policy, settings, deadline=deadline)
+            job = s.batcher.submit(messages, policy, settings, deadline=deadline, parent=telemetry.context_of(span))
             waiting = asyncio.wrap_future(job.future)
             while not waiting.done():  # until the row is done, the deadline passes, or the client leaves
                 left = deadline - time.monotonic()
@@ -388,17 +409,18 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         finally:
             s.release()
             s.record("chat", name, status, t0, result=result)
+            _end_span(span, status, result)
         return JSONResponse(chat_completion(model_id, result, _report(name, result.report)), headers=_report_headers(name, result.report))
 
     return app
 
 
 async def _stream(s: _Server, request: Request, req: ChatRequest, name: str, policy: Any, settings: Settings,
-                  messages: list[dict[str, str]], model_id: str, t0: float, deadline: float) -> Response:
+                  messages: list[dict[str, str]], model_id: str, t0: float, deadline: float, span: telemetry.Span) -> Response:
     """Queue a streaming row with the batcher (bad input is still a 400 here) and answer with SSE chunks fed by a pump
     thread. Concurrent streams share one padded generate call, as non-streaming requests do."""
     state: dict[str, Any] = {"status": 500, "result": None, "done": False}
-    job = s.batcher.submit(messages, policy, settings, deadline=deadline, stream=True)
+    job = s.batcher.submit(messages, policy, settings, deadline=deadline, stream=True, parent=telemetry.context_of(span))
 
     def cleanup() -> None:
         if state["done"]:
@@ -407,6 +429,7 @@ async def _stream(s: _Server, request: Request, req: ChatRequest, name: str, pol
         job.abandon()  # its row stops at the next decode step
         s.release()
         s.record("chat_stream", name, state["status"], t0)  # tokens and fired categories: counted by the pump
+        _end_span(span, state["status"], state["result"])
 
     waiting = asyncio.wrap_future(job.future)
     try:

@@ -66,6 +66,8 @@ class Job:
     future: Future = field(default_factory=Future)
     key: tuple[Any, ...] = ()
     arrived: float = field(default_factory=time.monotonic)
+    parent: Any = None
+    """The trace context its row's span is parented to (the server request's span)."""
     stream: bool = False
     """The future gets a ``TextStream`` when generation starts, instead of the result when it ends."""
     _abandoned: threading.Event = field(default_factory=threading.Event)
@@ -106,11 +108,12 @@ class MicroBatcher:
     def pending(self) -> int:
         return len(self._pending)
 
-    def submit(self, prompt: Any, policy: Any, settings: Settings, *, deadline: float = float("inf"), stream: bool = False) -> Job:
+    def submit(self, prompt: Any, policy: Any, settings: Settings, *, deadline: float = float("inf"), stream: bool = False,
+               parent: Any = None) -> Job:
         """Queue one prompt (a string or message list) under ``policy`` (a ``Policy``, ``None`` for the active one,
         ``False`` for none). Returns the job; ``job.future`` holds the result (``stream=True``: the row's
         ``TextStream``, as soon as its batch starts)."""
-        job = Job(prompt, policy, settings, deadline, stream=stream)
+        job = Job(prompt, policy, settings, deadline, stream=stream, parent=parent)
         job.key = settings.key
         with self._cond:
             if self._closed:
@@ -192,4 +195,5 @@ class MicroBatcher:
             temperature=s.temperature,
             seed=s.seed,
             stop_when=[lambda j=j: j.abandoned for j in jobs],
+            _parents=[j.parent for j in jobs],
         )
