@@ -349,18 +349,54 @@ def test_batched_rows_equal_single_requests(llm):
     assert [r.report.fired for r in batched] == [("cyber",), (), ("cyber",), ("cyber",)]
 
 
-def test_batcher_groups_by_settings_and_isolates_bad_rows(llm):
+def test_batcher_groups_by_sampler_and_isolates_bad_rows(llm):
+    """Rows with their own max_tokens and stop strings share one generate; another temperature waits for its own round
+    (one sampler per generate call)."""
     sizes: list[int] = []
     b = MicroBatcher(llm, window_s=0.3, max_batch=8, on_batch=sizes.append)
     try:
-        jobs = [b.submit(HI, None, Settings(4)), b.submit(HI, None, Settings(5)), b.submit(HI, None, Settings(4)),
-                b.submit([{"role": "assistant", "content": "x"}], None, Settings(4))]
-        assert [j.future.result(timeout=60).completion_tokens for j in jobs[:3]] == [4, 5, 4]
+        jobs = [b.submit(HI, None, Settings(4)), b.submit(HI, None, Settings(5, stop=("zzz",))), b.submit(HI, None, Settings(3, temperature=0.7)),
+                b.submit(HI, None, Settings(2)), b.submit([{"role": "assistant", "content": "x"}], None, Settings(4))]
+        assert [j.future.result(timeout=60).completion_tokens for j in jobs[:4]] == [4, 5, 3, 2]
         with pytest.raises(ValueError, match="user"):
-            jobs[3].future.result(timeout=60)
+            jobs[4].future.result(timeout=60)
     finally:
         b.close()
-    assert sizes[:2] == [3, 1]  # rows with settings 4 (one bad) together, then 5; the bad batch is rerun row by row
+    assert sizes == [4, 1, 1, 1, 1, 1]  # the greedy rows (one bad) together, rerun row by row; then the sampled one
+
+
+def test_batched_rows_with_their_own_settings_equal_single_requests(llm):
+    full = llm.chat(HI, max_new_tokens=12).text
+    settings = [Settings(12, stop=(full[5:8],)), Settings(3), Settings(9, stop=("zzz",)), Settings(12)]
+    prompts = [HI, [{"role": "user", "content": "hi"}], HI, [{"role": "user", "content": "Tell me a long story."}]]
+    single = [llm.chat(p, max_new_tokens=st.max_new_tokens, stop=list(st.stop) or None) for p, st in zip(prompts, settings, strict=True)]
+    sizes: list[int] = []
+    b = MicroBatcher(llm, window_s=0.5, max_batch=4, on_batch=sizes.append)
+    try:
+        jobs = [b.submit(p, None, st) for p, st in zip(prompts, settings, strict=True)]
+        batched = [j.future.result(timeout=60) for j in jobs]
+    finally:
+        b.close()
+    assert sizes == [4]
+    assert [(r.text, r.completion_tokens) for r in batched] == [(r.text, r.completion_tokens) for r in single]
+    assert batched[0].text == full[:5]
+
+
+def test_server_batches_concurrent_streams(llm):
+    """Concurrent streaming requests share one generate (fewer batches than requests); each stream's text is its
+    single request's, with its own max_tokens."""
+    single = {n: llm.chat(HI, policy=_policies()[n], max_new_tokens=n_tok).text for n, n_tok in (("fires", 8), ("quiet", 5))}
+    with live(create_app(llm, _policies(), config=ServerConfig(batch_window_s=0.3))) as (base, _), ThreadPoolExecutor(4) as pool:
+        c = _client(base)
+
+        def one(i: int) -> str:
+            name, n_tok = (("fires", 8), ("quiet", 5))[i % 2]
+            chunks = c.chat.completions.create(model=f"safeguard/{name}", messages=HI, max_tokens=n_tok, stream=True)
+            return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+        out = list(pool.map(one, range(4)))
+        assert out == [single["fires"], single["quiet"]] * 2
+        assert _metric(base, "safeguard_batch_rows_sum") == 4 and _metric(base, "safeguard_batch_rows_count") < 4  # 4 rows, fewer calls
 
 
 def test_server_batches_concurrent_requests(llm):

@@ -6,8 +6,10 @@ Prompt to text::
         ─► model.generate inside steering(model, run)  (hooks detect at prefill, steer fired rows)
         ─► text cut at end-of-turn or a stop string ─► GenerationResult(text, report)
 
-Generation holds a lock: hooks are registered on the one shared model for the length of a call, so two
-threads never see each other's steering. Per-row policies in one batch need no lock between rows.
+Two locks. Generation holds ``_model_lock``: hooks are registered on the one shared model for the length of a
+call, so two threads never see each other's steering (per-row policies in one batch need no lock between rows).
+The active policy and the compile cache have their own short ``_state_lock``, so ``use_policy`` never waits
+behind a running generation; a call resolves its policy before it takes the model, and keeps it.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import telemetry
 from ..errors import InputError, PolicyError, SAEError
 from ._files import contained_path
 from .compile import resolve
@@ -37,6 +41,7 @@ from .policy import is_shipped_name as _is_shipped_name
 from .report import GenerationResult, SteeringReport
 from .saes import SAESet, load_saes
 from .steering import CompiledPolicy, RunState, decoder_layers, forward_until, generate_positions, steering
+from .streams import TextStream, _Batch, _Rows
 
 __all__ = ["MAX_STOP_CHARS", "MAX_STOP_STRINGS", "PRODUCTION_MODEL", "PRODUCTION_SAE", "SteeredLLM", "TextStream"]
 
@@ -108,15 +113,27 @@ def _seed(seed: Any) -> int | None:
     return int(seed)
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that begins one of ``stops`` (and may be completed by later text)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+def _max_new_tokens(value: Any, n: int | None = None) -> list[int]:
+    """``max_new_tokens``: a positive integer, or (with ``n`` rows) one per row."""
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else [value] * (n or 1)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {v!r}")
+    if not values:
+        raise InputError("max_new_tokens is an empty list")
+    return [int(v) for v in values]
+
+
+def _either(event: threading.Event | None, when: Callable[[], bool] | None) -> Callable[[], bool] | None:
+    if event is None:
+        return when
+    if when is None:
+        return event.is_set
+    return lambda: event.is_set() or when()
+
+
+_CANCEL: ContextVar[threading.Event | None] = ContextVar("safeguard_cancel", default=None)
+"""Set in the worker thread of an async call: when the awaiting task is cancelled, the call's rows stop."""
 
 
 def _check_policy_like(policy: Any) -> None:
@@ -153,7 +170,10 @@ class SteeredLLM:
         for s in saes.values():
             s.check_fits(loaded.name, self.hidden_size, self.num_layers)
         self.context_window = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
-        self._lock = threading.RLock()
+        self._model_lock = threading.RLock()
+        """Held for the length of a forward pass or a generate call (hooks on the shared model)."""
+        self._state_lock = threading.Lock()
+        """Held for a few dict operations: the active policy and the compile cache."""
         self._compiled: OrderedDict[tuple[str, str | None, bool], CompiledPolicy] = OrderedDict()
         self._active: CompiledPolicy | None = None
         if policy is not None:
@@ -230,7 +250,8 @@ class SteeredLLM:
     @property
     def policy(self) -> Policy | None:
         """The active policy."""
-        return self._active.policy if self._active else None
+        active = self._active  # one read: use_policy may swap it meanwhile
+        return active.policy if active else None
 
     def compile_policy(self, policy: PolicyLike, *, monitor: bool = False) -> CompiledPolicy:
         """Validate, resolve against the pack and compile a policy for this model (cached by content hash).
@@ -240,7 +261,7 @@ class SteeredLLM:
         _check_policy_like(policy)
         p = Policy.load(policy)
         key = (p.content_hash, self.pack.content_hash if self.pack else None, monitor)
-        with self._lock:
+        with self._state_lock:
             if key in self._compiled:
                 self._compiled.move_to_end(key)
                 return self._compiled[key]
@@ -249,7 +270,7 @@ class SteeredLLM:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         compiled = CompiledPolicy(resolve(p, self.pack), self.saes, model_name=self.model_name, num_layers=self.num_layers, device=self.device,
                                   dtype=dtype, monitor=monitor)
-        with self._lock:
+        with self._state_lock:
             self._compiled[key] = compiled
             while len(self._compiled) > 32:
                 self._compiled.popitem(last=False)
@@ -259,7 +280,7 @@ class SteeredLLM:
         """Swap the active policy without reloading the model. The new policy is validated and compiled
         first; if that fails, the old one stays active. Calls already running keep the policy they began with."""
         compiled = None if policy is None else self.compile_policy(policy)
-        with self._lock:
+        with self._state_lock:
             self._active = compiled
         if compiled is not None:
             log.info("policy active: %s %s (%s)", compiled.policy.name, compiled.policy.version, compiled.hash[:12])
@@ -351,24 +372,23 @@ class SteeredLLM:
         return ids, attn, user
 
     # ----------------------------------------------------------------------------------------- the core
-    def _gen_kwargs(self, max_new_tokens: int, temperature: float | None, stop: Sequence[str] | None, extra: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    def _gen_kwargs(self, max_new_tokens: Any, temperature: float | None, stop: Sequence[str] | None, extra: dict[str, Any]) -> dict[str, Any]:
+        """``generate``'s keyword arguments (validated); ``max_new_tokens`` may be one per row (the call runs to the
+        largest). Stop strings are validated here and applied per row by ``_Rows``."""
+        max_new = _max_new_tokens(max_new_tokens)
         temperature = _temperature(temperature)
-        stop = _stop_strings(stop)
+        _stop_strings(stop)
         max_time = extra.get("max_time")
         if max_time is not None and (isinstance(max_time, bool) or not isinstance(max_time, numbers.Real) or not 0 <= max_time < math.inf):
             raise InputError(f"max_time must be a finite number of seconds >= 0, got {max_time!r}")
         for key in ("num_beams", "num_return_sequences"):
             if extra.get(key, 1) != 1:
                 raise InputError(f"{key}={extra[key]} is not supported: steering decides per batch row")
-        kw: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "pad_token_id": self.tokenizer.pad_token_id}
+        kw: dict[str, Any] = {"max_new_tokens": max(max_new), "pad_token_id": self.tokenizer.pad_token_id}
         if temperature is not None:
             kw.update(do_sample=True, temperature=temperature)
         elif "do_sample" not in extra:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if stop:
-            kw.update(stop_strings=stop, tokenizer=self.tokenizer)
         kw.update(extra)
         return kw
 
@@ -377,54 +397,93 @@ class SteeredLLM:
         prompts: Sequence[Any],
         policies: Sequence[CompiledPolicy | None],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         temperature: float | None,
         stop: Sequence[str] | None,
         template: bool,
         seed: int | None,
         extra: dict[str, Any],
-        streamer: Any = None,
-        stopping_criteria: Any = None,
+        stops: Sequence[Sequence[str] | None] | None = None,
+        stop_when: Sequence[Callable[[], bool] | None] | None = None,
+        on_piece: Callable[[int, str], None] | None = None,
+        on_done: Callable[[int, GenerationResult], None] | None = None,
         shadows: Sequence[Sequence[CompiledPolicy]] | None = None,
+        parents: Sequence[Any] | None = None,
     ) -> list[GenerationResult]:
+        """One padded generate call. Per row: ``max_new_tokens`` (an int, or one per row), stop strings (``stops``,
+        one list per row, else ``stop`` for all), ``stop_when`` (polled each decode step; True ends the row), and
+        ``on_done(row, result)`` as soon as the row ends. The whole call also stops when the calling context was
+        cancelled (``_CANCEL``, set by the async methods). Each row gets a trace span (``parents``: one trace context
+        per row; default: the current one) that ends with the row."""
+        from transformers import StoppingCriteriaList
+
         t0 = time.perf_counter()
-        kw = self._gen_kwargs(max_new_tokens, temperature, stop, extra)
+        n = len(prompts)
+        max_new = _max_new_tokens(max_new_tokens, n)
+        kw = self._gen_kwargs(max_new, temperature, stop, extra)
+        row_stops = [_stop_strings(s) for s in stops] if stops is not None else [_stop_strings(stop)] * n
+        if len(max_new) != n or len(row_stops) != n or (stop_when is not None and len(stop_when) != n):
+            raise InputError(f"per-row settings must give one entry for each of the {n} prompts")
         seed = _seed(seed)
-        ids, attn, user = self._encode(prompts, template, max_new_tokens)
+        ids, attn, user = self._encode(prompts, template, max(max_new))
         run = RunState(policies, user, attn, shadows=shadows)
-        dev = self.device
-        if streamer is not None:
-            kw["streamer"] = streamer
-        if stopping_criteria is not None:
-            kw["stopping_criteria"] = stopping_criteria
+        cancel = _CANCEL.get()
+        whens = [_either(cancel, stop_when[row] if stop_when is not None else None) for row in range(n)]
+        eos = self._eos_ids()
+        results: list[GenerationResult | None] = [None] * n
+        temp = _temperature(temperature)
+        spans = [telemetry.start_span("chat", self.model_name, parent=parents[row] if parents is not None else None,
+                                      attributes={"gen_ai.request.max_tokens": max_new[row], "gen_ai.request.temperature": temp or 0.0})
+                 for row in range(n)]
+
+        def finish(row: int, gen: list[int], reason: str | None) -> None:
+            results[row] = r = self._row_result(prompts[row], run, row, gen, reason, max_new[row], row_stops[row], int(attn[row].sum()),
+                                                extra.get("max_time") is not None, time.perf_counter() - t0)
+            spans[row].record_result(r)
+            spans[row].end()
+            if on_done is not None:
+                on_done(row, r)
+
+        rows = _Rows(self.tokenizer, ids.shape[1], max_new, row_stops, eos, whens, finish, on_piece)
+        kw["streamer"] = rows
+        kw["stopping_criteria"] = StoppingCriteriaList([rows, *kw.get("stopping_criteria", [])])
         if any(p is not None and p.enforce and any(c.response == "block" for c in p.categories) for p in policies):
             from transformers import LogitsProcessorList
 
-            kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), _EndBlockedRows(run, sorted(self._eos_ids()))])
-        with self._lock, torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            with steering(self.model, run):
-                out = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kw)
-        total = time.perf_counter() - t0
-        results = []
+            kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), _EndBlockedRows(run, sorted(eos))])
+        dev = self.device
+        try:
+            with self._model_lock, torch.inference_mode():
+                if not all(w is not None and w() for w in whens):  # every row was cancelled while it waited: skip the call
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    with steering(self.model, run):
+                        self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kw)
+        except BaseException as exc:
+            for sp in spans:
+                sp.error(exc)
+                sp.end()
+            raise
+        rows.end_all()
+        return [r for r in results if r is not None]
+
+    def _row_result(self, prompt: Any, run: RunState, row: int, gen: list[int], reason: str | None, max_new: int, stops: list[str],
+                    prompt_tokens: int, max_time: bool, total: float) -> GenerationResult:
+        """One row's reply from its generated tokens and why it ended (see ``_Rows``)."""
         eos = self._eos_ids()
-        for row in range(len(prompts)):
-            gen = out[row, ids.shape[1]:].tolist()
-            n = next((i for i, t in enumerate(gen) if t in eos), None)
-            gen = gen[:n] if n is not None else gen
-            # no end of turn and short of max_new_tokens: generate stopped at max_time (or a closed stream)
-            finish = "stop" if n is not None else "length" if len(gen) >= max_new_tokens else "time" if extra.get("max_time") is not None else "stop"
-            text = self.tokenizer.decode(gen, skip_special_tokens=True)
-            cut = min((text.index(s) for s in kw.get("stop_strings", ()) if s in text), default=None)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-            report = SteeringReport.from_run(run, row, total)
-            if report.blocked:  # nothing was generated for this row: its category's message is the reply
-                text, gen, finish = report.message or "", [], "content_filter"
-            results.append(GenerationResult(text, report, int(attn[row].sum()), len(gen), finish))
-            self._log(prompts[row], report)
-        return results
+        n = next((i for i, t in enumerate(gen) if t in eos), None)
+        gen = gen[:n] if n is not None else gen
+        # no end of turn and short of max_new_tokens: stopped by max_time, a closed stream or a cancelled call
+        finish = "stop" if n is not None else "length" if len(gen) >= max_new else "time" if max_time and reason is None else "stop"
+        text = self.tokenizer.decode(gen, skip_special_tokens=True)
+        cut = min((text.index(s) for s in stops if s in text), default=None)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        report = SteeringReport.from_run(run, row, total)
+        if report.blocked:  # nothing was generated for this row: its category's message is the reply
+            text, gen, finish = report.message or "", [], "content_filter"
+        self._log(prompt, report)
+        return GenerationResult(text, report, prompt_tokens, len(gen), finish)
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -493,31 +552,43 @@ class SteeredLLM:
                          stop=stop, template=True, seed=seed, extra=generation_kwargs, shadow=shadow)
 
     def batch(self, prompts: Sequence[PromptLike], *, policies: Sequence[PolicyLike | bool | None] | None = None,
-              max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None, temperature: float | None = None,
-              stop: Sequence[str] | None = None, template: bool = True, seed: int | None = None, batch_size: int = 8,
-              shadow: Sequence[PolicyLike] | None = None, **generation_kwargs: Any) -> list[GenerationResult]:
+              max_new_tokens: int | Sequence[int] = 128, steer: bool = True, policy: PolicyLike | None = None, temperature: float | None = None,
+              stop: Sequence[str] | None = None, stops: Sequence[Sequence[str] | None] | None = None, template: bool = True,
+              seed: int | None = None, batch_size: int = 8, shadow: Sequence[PolicyLike] | None = None,
+              stop_when: Sequence[Callable[[], bool] | None] | None = None, **generation_kwargs: Any) -> list[GenerationResult]:
         """Reply to many prompts (strings or message lists) in padded batches of ``batch_size``.
 
         ``policies`` gives each row its own policy (``None`` entries use the active one, ``False`` entries are
-        not steered): one padded generate call serves rows under different policies."""
+        not steered): one padded generate call serves rows under different policies. ``max_new_tokens`` may be one
+        per prompt, ``stops`` one list of stop strings per prompt, ``stop_when`` one callable per prompt (True ends
+        that row at the next decode step); each row ends at its own limit. Temperature and seed are the call's."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise InputError("batch takes a list of prompts")
         if not prompts:
             return []
-        if policies is not None and len(policies) != len(prompts):
-            raise InputError(f"policies has {len(policies)} entries for {len(prompts)} prompts")
-        compiled = [None if policies is not None and policies[i] is False
-                    else self._resolve(policies[i] if policies is not None and policies[i] is not None else policy, steer)
-                    for i in range(len(prompts))]
+        n = len(prompts)
+        compiled = self._row_policies(prompts, policies, policy, steer)
+        max_new = _max_new_tokens(max_new_tokens, n)
+        row_stops = [_stop_strings(s) for s in stops] if stops is not None else [_stop_strings(stop)] * n
+        if len(max_new) != n or len(row_stops) != n or (stop_when is not None and len(stop_when) != n):
+            raise InputError(f"max_new_tokens, stops and stop_when need one entry for each of the {n} prompts")
         shadows = [self._shadows(c, shadow) for c in compiled]
         for p in prompts:  # validate every row before generating any
             self._encode_one(p, template)
         out: list[GenerationResult] = []
-        for lo in range(0, len(prompts), max(1, batch_size)):
+        for lo in range(0, n, max(1, batch_size)):
             hi = lo + max(1, batch_size)
-            out += self._run(prompts[lo:hi], compiled[lo:hi], max_new_tokens=max_new_tokens, temperature=temperature,
-                             stop=stop, template=template, seed=seed, extra=generation_kwargs, shadows=shadows[lo:hi])
+            out += self._run(prompts[lo:hi], compiled[lo:hi], max_new_tokens=max_new[lo:hi], temperature=temperature, stop=None,
+                             stops=row_stops[lo:hi], template=template, seed=seed, extra=generation_kwargs, shadows=shadows[lo:hi],
+                             stop_when=stop_when[lo:hi] if stop_when is not None else None)
         return out
+
+    def _row_policies(self, prompts: Sequence[Any], policies: Sequence[Any] | None, policy: Any, steer: bool) -> list[CompiledPolicy | None]:
+        if policies is not None and len(policies) != len(prompts):
+            raise InputError(f"policies has {len(policies)} entries for {len(prompts)} prompts")
+        return [None if policies is not None and policies[i] is False
+                else self._resolve(policies[i] if policies is not None and policies[i] is not None else policy, steer)
+                for i in range(len(prompts))]
 
     def classify(self, texts: Sequence[PromptLike], *, policy: PolicyLike | None = None, shadow: Sequence[PolicyLike] | None = None,
                  batch_size: int = 8) -> list[SteeringReport]:
@@ -542,19 +613,29 @@ class SteeredLLM:
         return out
 
     def _classify_chunk(self, texts: list[Any], policy: CompiledPolicy, shadows: list[CompiledPolicy]) -> list[SteeringReport]:
+        with telemetry.span("classify", self.model_name) as sp:
+            reports = self._classify_rows(texts, policy, shadows, sp)
+            return reports
+
+    def _classify_rows(self, texts: list[Any], policy: CompiledPolicy, shadows: list[CompiledPolicy], sp: telemetry.Span) -> list[SteeringReport]:
         t0 = time.perf_counter()
         ids, attn, user = self._encode(texts, True, 0)
+        sp.set_attrs({"gen_ai.usage.input_tokens": int(attn.sum()), "gen_ai.usage.output_tokens": 0})
         run = RunState([policy] * len(texts), user, attn, shadows=[shadows] * len(texts))
         layers = set(policy.detect_layers) | run.shadow_layers()
         if layers:  # else every category is off: nothing to detect
             dev = self.device
-            with self._lock, torch.inference_mode(), steering(self.model, run):  # the engine's hooks decide at the detect layers
+            with self._model_lock, torch.inference_mode(), steering(self.model, run):  # the engine's hooks decide at the detect layers
                 forward_until(self.model, decoder_layers(self.model)[max(layers)], input_ids=ids.to(dev),
                               attention_mask=attn.to(dev), position_ids=generate_positions(attn).to(dev))
         total = time.perf_counter() - t0
         reports = [SteeringReport.from_run(run, row, total) for row in range(len(texts))]
         for text, report in zip(texts, reports, strict=True):
             self._log(text, report)
+        fired = sorted({c for r in reports for c in r.fired})
+        sp.set_attrs({"safeguard.policy.name": policy.policy.name, "safeguard.policy.hash": policy.hash,
+                      "safeguard.pack.id": policy.pack.id if policy.pack else None, "safeguard.fired": fired,
+                      "safeguard.action": "monitor" if fired else "none"})
         return reports
 
     def stream(self, prompt: PromptLike, *, max_new_tokens: int = 128, steer: bool = True, policy: PolicyLike | None = None,
@@ -562,22 +643,61 @@ class SteeredLLM:
                seed: int | None = None, shadow: Sequence[PolicyLike] | None = None, **generation_kwargs: Any) -> TextStream:
         """Stream a reply as text pieces; the returned ``TextStream`` holds ``.result`` once exhausted.
         Closing it early (or leaving the ``with`` block) stops generation and removes the hooks."""
-        compiled = self._resolve(policy, steer)
-        self._encode_one(prompt, template)  # bad input fails here, not inside the thread
-        return TextStream(self, prompt, compiled, dict(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop, template=template,
-                                                        seed=seed, extra=generation_kwargs, shadows=[self._shadows(compiled, shadow)]))
+        return self.stream_batch([prompt], max_new_tokens=max_new_tokens, steer=steer, policy=policy, temperature=temperature, stop=stop,
+                                 template=template, seed=seed, shadow=shadow, **generation_kwargs)[0]
+
+    def stream_batch(self, prompts: Sequence[PromptLike], *, policies: Sequence[PolicyLike | bool | None] | None = None,
+                     max_new_tokens: int | Sequence[int] = 128, steer: bool = True, policy: PolicyLike | None = None,
+                     temperature: float | None = None, stop: Sequence[str] | None = None, stops: Sequence[Sequence[str] | None] | None = None,
+                     template: bool = True, seed: int | None = None, shadow: Sequence[PolicyLike] | None = None,
+                     stop_when: Sequence[Callable[[], bool] | None] | None = None, _parents: Sequence[Any] | None = None,
+                     **generation_kwargs: Any) -> list[TextStream]:
+        """Stream many replies from one padded generate call: one ``TextStream`` per prompt, each ending at its own
+        end of turn, stop string or ``max_new_tokens``. Greedy rows equal their single-request text.
+
+        Per row: ``policies`` (as in ``batch``), ``max_new_tokens`` (an int or one per prompt; the call runs to the
+        largest), ``stops`` (one list of stop strings per prompt, else ``stop`` for all) and ``stop_when`` (a callable
+        polled each decode step; True ends that row). Closing one stream stops its row only. Temperature and seed are
+        the call's: one sampler serves every row."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise InputError("stream_batch takes a list of prompts")
+        if not prompts:
+            return []
+        n = len(prompts)
+        compiled = self._row_policies(prompts, policies, policy, steer)
+        max_new = _max_new_tokens(max_new_tokens, n)
+        row_stops = [_stop_strings(s) for s in stops] if stops is not None else [_stop_strings(stop)] * n
+        if len(max_new) != n or len(row_stops) != n or (stop_when is not None and len(stop_when) != n):
+            raise InputError(f"max_new_tokens, stops and stop_when need one entry for each of the {n} prompts")
+        self._gen_kwargs(max_new, temperature, stop, generation_kwargs)  # bad arguments fail here, not inside the thread
+        _seed(seed)
+        for p in prompts:
+            self._encode_one(p, template)
+        shadows = [self._shadows(c, shadow) for c in compiled]
+        batch = _Batch(n)
+        parents = list(_parents) if _parents is not None else [telemetry.current_context()] * n  # spans parent to the caller's
+        whens = [_either(batch.stopped[row], stop_when[row] if stop_when is not None else None) for row in range(n)]
+        streams = [TextStream(batch, row, row_stops[row]) for row in range(n)]
+        batch.start(lambda: self._run(prompts, compiled, max_new_tokens=max_new, temperature=temperature, stop=None, stops=row_stops,
+                                      template=template, seed=seed, extra=generation_kwargs, stop_when=whens, on_piece=batch.piece,
+                                      on_done=batch.end, shadows=shadows, parents=parents))
+        return streams
 
     async def agenerate(self, prompt: str, **kwargs: Any) -> GenerationResult:
-        return await asyncio.to_thread(self.generate, prompt, **kwargs)
+        """``generate`` in a worker thread. Cancelling the awaiting task stops the generation at its next decode step."""
+        return await _cancellable(self.generate, prompt, **kwargs)
 
     async def achat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> GenerationResult:
-        return await asyncio.to_thread(self.chat, messages, **kwargs)
+        """``chat`` in a worker thread; cancellable as ``agenerate``."""
+        return await _cancellable(self.chat, messages, **kwargs)
 
     async def abatch(self, prompts: Sequence[PromptLike], **kwargs: Any) -> list[GenerationResult]:
-        return await asyncio.to_thread(self.batch, prompts, **kwargs)
+        """``batch`` in a worker thread; cancellable as ``agenerate``."""
+        return await _cancellable(self.batch, prompts, **kwargs)
 
     async def astream(self, prompt: PromptLike, **kwargs: Any) -> AsyncIterator[str]:
-        """Async text pieces. ``async for piece in llm.astream(...)``."""
+        """Async text pieces. ``async for piece in llm.astream(...)``; leaving the loop early, or cancelling the task,
+        stops the generation."""
         s = self.stream(prompt, **kwargs)
         try:
             while True:
@@ -589,109 +709,24 @@ class SteeredLLM:
             await asyncio.to_thread(s.close)
 
 
-class TextStream(Iterator[str]):
-    """Text pieces of one reply as they are generated, from a worker thread that is always joined."""
+async def _cancellable(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn`` in a worker thread whose generation stops when the awaiting task is cancelled; the worker has returned
+    before the cancellation propagates."""
+    cancel = threading.Event()
 
-    def __init__(self, llm: SteeredLLM, prompt: Any, policy: CompiledPolicy | None, kwargs: dict[str, Any]):
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    def work() -> Any:
+        _CANCEL.set(cancel)  # in this thread's copy of the context only
+        return fn(*args, **kwargs)
 
-        llm._gen_kwargs(kwargs["max_new_tokens"], kwargs["temperature"], kwargs["stop"], kwargs["extra"])  # bad arguments fail here,
-        _seed(kwargs["seed"])  # not inside the thread
-        self._cancel = threading.Event()
-        cancel = self._cancel
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        self._streamer = TextIteratorStreamer(llm.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.result: GenerationResult | None = None
-        self._error: BaseException | None = None
-        self._done = False
-        self._stop = _stop_strings(kwargs.get("stop"))
-        self._text = ""
-        """Everything the streamer gave so far (when there are stop strings)."""
-        self._sent = 0
-        """How much of ``_text`` was handed out: the rest may be the beginning of a stop string."""
-
-        def work() -> None:
-            try:
-                self.result = llm._run([prompt], [policy], streamer=self._streamer,
-                                       stopping_criteria=StoppingCriteriaList([_Cancelled()]), **kwargs)[0]
-            except BaseException as exc:  # re-raised in the consumer's thread
-                self._error = exc
-            finally:
-                self._streamer.end()
-
-        self._thread = threading.Thread(target=work, name="safeguard-stream", daemon=True)
-        self._thread.start()
-
-    @property
-    def report(self) -> SteeringReport | None:
-        return self.result.report if self.result else None
-
-    def _next_or_none(self) -> str | None:
-        try:
-            return next(self)
-        except StopIteration:
-            return None
-
-    def __next__(self) -> str:
-        if self._done:
-            raise StopIteration
-        for piece in self._streamer:
-            if not piece:
-                continue
-            if not self._stop:
-                return piece
-            # never emit a stop string, nor a beginning of one that a later piece may complete
-            self._text += piece
-            cut = min((self._text.index(s) for s in self._stop if s in self._text), default=None)
-            if cut is not None:
-                out = self._text[self._sent:max(cut, self._sent)]
-                self._sent = len(self._text)
-                self._finish(drain=True)
-                if out:
-                    return out
-                raise StopIteration
-            safe = len(self._text) - _held_back(self._text, self._stop)
-            if safe > self._sent:
-                out, self._sent = self._text[self._sent:safe], safe
-                return out
-        self._finish(drain=False)  # the streamer is exhausted: the worker has ended it
-        tail, self._sent = self._text[self._sent:], len(self._text)  # held back, and no stop string followed
-        if tail:
-            return tail
-        if self.result is not None and self.result.report.blocked and self.result.text:
-            return self.result.text  # a blocked request generated nothing: its policy's message is the reply
-        raise StopIteration
-
-    def _finish(self, *, drain: bool) -> None:
-        self._done = True
-        self._cancel.set()
-        if drain:  # the worker ends the streamer when generate returns, so this terminates
-            for _ in self._streamer:
-                pass
-        self._thread.join()
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-
-    def close(self) -> None:
-        """Stop generating and wait for the worker; safe to call twice."""
-        if not self._done:
-            self._finish(drain=True)
-
-    def __enter__(self) -> TextStream:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_done", True):
-            self._cancel.set()
-
+    fut = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        cancel.set()
+        await asyncio.wait({fut})  # the rows stop at their next decode step
+        if not fut.cancelled():
+            fut.exception()  # retrieved: an error of the abandoned call is not reported
+        raise
 
 
 class _EndBlockedRows:

@@ -3,7 +3,7 @@
 Request to reply::
 
     POST /v1/chat/completions ─► API key ─► body limit ─► ChatRequest (400 naming the field) ─► policy by name
-        ─► admission (429 when the queue is full) ─► MicroBatcher (non-streaming) or llm.stream (SSE)
+        ─► admission (429 when the queue is full) ─► MicroBatcher: one generate for concurrent requests, streaming or not
         ─► reply with usage and the steering report under ``safeguard`` ─► metrics, one log record
 
 Policies are named on the server (``policies={"eu": "policies/eu.yaml"}``); a request picks one with
@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import telemetry
 from ..errors import InputError, PolicyError, SafeguardError
 from .batcher import MicroBatcher, Settings
 from .metrics import Metrics
@@ -124,21 +125,6 @@ class PolicyTable:
         return name, self.policies[name]
 
 
-class _Cancel:
-    """Deadline and abandonment of one streaming request, read by its pump thread."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self._event = threading.Event()
-
-    def abandon(self) -> None:
-        self._event.set()
-
-    @property
-    def abandoned(self) -> bool:
-        return self._event.is_set() or time.monotonic() >= self.deadline
-
-
 class _Server:
     def __init__(self, llm: Any, policies: Mapping[str, Any] | None, default: str | None, config: ServerConfig):
         self._llm_or_loader = llm
@@ -224,6 +210,15 @@ class _Server:
         self.metrics.tokens.labels(policy=policy).inc(result.completion_tokens)
         for cat in result.report.fired:
             self.metrics.fired.labels(policy=policy, category=cat).inc()
+
+
+def _end_span(span: telemetry.Span, status: int, result: Any = None) -> None:
+    span.set_attrs({"http.response.status_code": status})
+    if result is not None:
+        span.record_result(result)
+    if status >= 500:
+        span.set_attrs({"error.type": str(status)})
+    span.end()
 
 
 def _report(name: str, report: Any) -> dict[str, Any]:
@@ -335,8 +330,10 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         name, policy = s.table.resolve(req.model, req.safeguard.policy if req.safeguard else None)
         s.admit()
         status, reports = 500, None
+        span = telemetry.start_span("classify", f"{MODEL_PREFIX}/{name}", server=True)
         try:
-            reports = await asyncio.wait_for(asyncio.to_thread(s.llm.classify, req.texts(), policy=policy), s.config.request_timeout_s)
+            with telemetry.attached(span):  # the model's classify span nests under the request's
+                reports = await asyncio.wait_for(asyncio.to_thread(s.llm.classify, req.texts(), policy=policy), s.config.request_timeout_s)
             status = 200
         except TimeoutError:
             status = 504
@@ -347,6 +344,9 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         finally:
             s.release()
             s.record("moderations", name, status, t0)
+            if reports:
+                span.set_attrs({"safeguard.fired": sorted({c for r in reports for c in r.fired})})
+            _end_span(span, status)
         for r in reports:
             for cat in r.fired:
                 s.metrics.fired.labels(policy=name, category=cat).inc()
@@ -369,13 +369,19 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         messages = req.messages_as_dicts()
         model_id = f"{MODEL_PREFIX}/{name}"
         deadline = t0 + s.config.request_timeout_s
-        s.admit()
+        span = telemetry.start_span("chat", model_id, server=True, attributes={
+            "gen_ai.request.max_tokens": settings.max_new_tokens, "gen_ai.request.temperature": settings.temperature or 0.0})
+        try:
+            s.admit()
+        except ApiError as exc:
+            _end_span(span, exc.status)
+            raise
         if req.stream:
-            return await _stream(s, req, name, policy, settings, messages, model_id, t0, deadline)
+            return await _stream(s, request, req, name, policy, settings, messages, model_id, t0, deadline, span)
         status = 500
         result = None
         try:
-            job = s.batcher.submit(messages, policy, settings, deadline=deadline)
+            job = s.batcher.submit(messages, policy, settings, deadline=deadline, parent=telemetry.context_of(span))
             waiting = asyncio.wrap_future(job.future)
             while not waiting.done():  # until the row is done, the deadline passes, or the client leaves
                 left = deadline - time.monotonic()
@@ -403,28 +409,41 @@ def create_app(llm: Any, policies: Mapping[str, Any] | None = None, *, default_p
         finally:
             s.release()
             s.record("chat", name, status, t0, result=result)
+            _end_span(span, status, result)
         return JSONResponse(chat_completion(model_id, result, _report(name, result.report)), headers=_report_headers(name, result.report))
 
     return app
 
 
-async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings: Settings, messages: list[dict[str, str]],
-                  model_id: str, t0: float, deadline: float) -> Response:
-    """Start ``llm.stream`` (bad input is still a 400 here) and answer with SSE chunks fed by a pump thread."""
-    cancel = _Cancel(deadline)
+async def _stream(s: _Server, request: Request, req: ChatRequest, name: str, policy: Any, settings: Settings,
+                  messages: list[dict[str, str]], model_id: str, t0: float, deadline: float, span: telemetry.Span) -> Response:
+    """Queue a streaming row with the batcher (bad input is still a 400 here) and answer with SSE chunks fed by a pump
+    thread. Concurrent streams share one padded generate call, as non-streaming requests do."""
     state: dict[str, Any] = {"status": 500, "result": None, "done": False}
+    job = s.batcher.submit(messages, policy, settings, deadline=deadline, stream=True, parent=telemetry.context_of(span))
 
     def cleanup() -> None:
         if state["done"]:
             return
         state["done"] = True
-        cancel.abandon()  # the pump closes the stream at its next piece, which stops generation
+        job.abandon()  # its row stops at the next decode step
         s.release()
         s.record("chat_stream", name, state["status"], t0)  # tokens and fired categories: counted by the pump
+        _end_span(span, state["status"], state["result"])
 
+    waiting = asyncio.wrap_future(job.future)
     try:
-        stream = await asyncio.to_thread(s.llm.stream, messages, policy=policy, max_new_tokens=settings.max_new_tokens,
-                                         temperature=settings.temperature, stop=list(settings.stop) or None, seed=settings.seed)
+        while not waiting.done():  # until its batch starts, the deadline passes, or the client leaves
+            left = deadline - time.monotonic()
+            if left <= 0:
+                state["status"] = 504
+                raise ApiError(504, f"the request took longer than the server's timeout of {s.config.request_timeout_s} s", code="timeout")
+            await asyncio.wait({waiting}, timeout=min(_POLL_S, left))
+            if not waiting.done() and await request.is_disconnected():
+                state["status"] = 499
+                cleanup()
+                return Response(status_code=499)
+        stream = waiting.result()
     except SafeguardError as exc:
         state["status"] = 400
         cleanup()
@@ -444,18 +463,16 @@ async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings
             pass
 
     def pump() -> None:
-        stopped = False
         try:
             for piece in stream:
-                if cancel.abandoned:
-                    stopped = True
+                if job.abandoned:
                     break
                 put(("piece", piece))
-            stream.close()  # stops generation when we broke out early; a no-op after the last piece
+            stream.close()  # stops its row when we broke out early; a no-op after the last piece
             result = stream.result
             if result is not None:
                 s.record_result(name, result)
-            if stopped:
+            if job.abandoned:
                 s.metrics.streams_stopped.inc()
             put(("done", result))
         except BaseException as exc:
@@ -474,7 +491,7 @@ async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings
                     kind, value = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
                     state["status"] = 504
-                    cancel.abandon()
+                    job.abandon()
                     yield _sse(error_body(504, f"the request took longer than the server's timeout of {s.config.request_timeout_s} s",
                                           code="timeout"))
                     break
@@ -495,7 +512,7 @@ async def _stream(s: _Server, req: ChatRequest, name: str, policy: Any, settings
                     break
                 result = value
                 state["result"] = result
-                if cancel.abandoned:  # stopped at the deadline between two pieces
+                if job.abandoned:  # stopped at the deadline between two pieces
                     state["status"] = 504
                     yield _sse(error_body(504, f"the request took longer than the server's timeout of {s.config.request_timeout_s} s",
                                           code="timeout"))

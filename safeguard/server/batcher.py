@@ -1,14 +1,17 @@
-"""Micro-batching: concurrent requests that arrive within a short window share one ``llm.batch`` call.
+"""Micro-batching: concurrent requests that arrive within a short window share one padded generate call.
 
-One worker thread owns the model for non-streaming generation::
+One worker thread owns the model, for streaming and non-streaming requests alike::
 
     submit() ─► pending deque ─► worker: wait up to ``window_s`` after the oldest job for more jobs with the same
-    settings ─► llm.batch(prompts, policies=[per-row policy]) ─► each job's Future gets its row
+    sampler ─► llm.stream_batch(prompts, policies=, max_new_tokens=, stops=, stop_when=) ─► per row:
+        a streaming job's Future gets its TextStream at once; a non-streaming job's Future gets its result when
+        its row ends (not when the batch does)
 
-Rows in one batch share ``max_new_tokens``, ``temperature``, ``stop`` and ``seed`` (``Settings``); each row keeps its own
-policy. A sampled request with a seed always runs alone, since a batch shares one random stream. Jobs with other
-settings wait for a later round, in arrival order. A row whose request is abandoned (client gone, timeout) stops at the
-next decode step through a per-row stopping criterion; the other rows continue.
+Each row keeps its own policy, ``max_new_tokens`` and stop strings: the call runs to the largest ``max_new_tokens`` and
+each row ends at its own limit. Rows in one batch share ``temperature`` and ``seed`` (``Settings.key``): one generate
+call has one sampler (one logits warper, one random stream), so rows with another temperature wait for a later round,
+in arrival order, and a sampled request with a seed runs alone. A row whose request is abandoned (client gone,
+timeout) stops at the next decode step through its ``stop_when``; the other rows continue.
 
 The window costs latency: a request that finds the worker idle waits up to ``window_s`` for companions (never longer;
 a full batch leaves at once). With ``max_batch=1`` and ``window_s=0`` this is a plain serial queue.
@@ -21,7 +24,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +38,7 @@ _solo = itertools.count()
 
 @dataclass(frozen=True)
 class Settings:
-    """Generation settings a batch's rows must share."""
+    """Generation settings of one request. Only ``key`` (the sampler) must be shared by a batch's rows."""
 
     max_new_tokens: int
     temperature: float | None = None
@@ -47,7 +49,9 @@ class Settings:
     def key(self) -> tuple[Any, ...]:
         if self.seed is not None and self.temperature:  # a seeded sample is only reproducible alone
             return ("solo", next(_solo))
-        return (self.max_new_tokens, self.temperature or None, self.stop, self.seed)
+        if not self.temperature:  # greedy: the seed changes nothing
+            return (None, None)
+        return (self.temperature, None)
 
 
 @dataclass(eq=False)
@@ -62,6 +66,10 @@ class Job:
     future: Future = field(default_factory=Future)
     key: tuple[Any, ...] = ()
     arrived: float = field(default_factory=time.monotonic)
+    parent: Any = None
+    """The trace context its row's span is parented to (the server request's span)."""
+    stream: bool = False
+    """The future gets a ``TextStream`` when generation starts, instead of the result when it ends."""
     _abandoned: threading.Event = field(default_factory=threading.Event)
 
     def abandon(self) -> None:
@@ -72,23 +80,11 @@ class Job:
         return self._abandoned.is_set() or time.monotonic() >= self.deadline
 
 
-def _row_stop(jobs: Sequence[Job]) -> Any:
-    """A per-row stopping criterion: stop the rows whose job was abandoned or passed its deadline."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class RowStop(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            return torch.tensor([j.abandoned for j in jobs], dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([RowStop()])
-
-
 class MicroBatcher:
     """Collect concurrent requests for ``window_s`` seconds and generate them as one batch of up to ``max_batch`` rows.
 
-    ``submit`` is thread-safe and returns a ``concurrent.futures.Future`` of a ``GenerationResult`` (``asyncio.wrap_future``
-    awaits it). ``close()`` finishes every submitted job, then joins the worker.
+    ``submit`` is thread-safe and returns a job whose ``future`` (a ``concurrent.futures.Future``; ``asyncio.wrap_future``
+    awaits it) holds a ``GenerationResult``, or a ``TextStream`` for ``stream=True``. ``close()`` finishes every submitted job, then joins the worker.
     """
 
     def __init__(self, llm: Any, *, window_s: float = 0.005, max_batch: int = 8, on_batch: Any = None):
@@ -112,10 +108,12 @@ class MicroBatcher:
     def pending(self) -> int:
         return len(self._pending)
 
-    def submit(self, prompt: Any, policy: Any, settings: Settings, *, deadline: float = float("inf")) -> Job:
+    def submit(self, prompt: Any, policy: Any, settings: Settings, *, deadline: float = float("inf"), stream: bool = False,
+               parent: Any = None) -> Job:
         """Queue one prompt (a string or message list) under ``policy`` (a ``Policy``, ``None`` for the active one,
-        ``False`` for none). Returns the job; ``job.future`` holds the result."""
-        job = Job(prompt, policy, settings, deadline)
+        ``False`` for none). Returns the job; ``job.future`` holds the result (``stream=True``: the row's
+        ``TextStream``, as soon as its batch starts)."""
+        job = Job(prompt, policy, settings, deadline, stream=stream, parent=parent)
         job.key = settings.key
         with self._cond:
             if self._closed:
@@ -166,7 +164,7 @@ class MicroBatcher:
         if self.on_batch is not None:
             self.on_batch(len(jobs))
         try:
-            results = self._generate(jobs)
+            streams = self._start(jobs)
         except SafeguardError as exc:
             if len(jobs) == 1:
                 jobs[0].future.set_exception(exc)
@@ -179,18 +177,23 @@ class MicroBatcher:
             for j in jobs:
                 j.future.set_exception(exc)
             return
-        for j, r in zip(jobs, results, strict=True):
-            j.future.set_result(r)
+        for j, st in zip(jobs, streams, strict=True):
+            if j.stream:
+                j.future.set_result(st)
+            else:
+                st.add_done_callback(lambda result, error, j=j: j.future.set_exception(error) if error is not None else j.future.set_result(result))
+        for st in streams:  # the model is busy until every row has ended (whether or not its stream was read)
+            st.wait()
 
-    def _generate(self, jobs: list[Job]) -> list[Any]:
+    def _start(self, jobs: list[Job]) -> list[Any]:
         s = jobs[0].settings
-        return self.llm.batch(
+        return self.llm.stream_batch(
             [j.prompt for j in jobs],
             policies=[j.policy for j in jobs],
-            max_new_tokens=s.max_new_tokens,
+            max_new_tokens=[j.settings.max_new_tokens for j in jobs],
+            stops=[list(j.settings.stop) for j in jobs],
             temperature=s.temperature,
-            stop=list(s.stop) or None,
             seed=s.seed,
-            batch_size=len(jobs),
-            stopping_criteria=_row_stop(jobs),
+            stop_when=[lambda j=j: j.abandoned for j in jobs],
+            _parents=[j.parent for j in jobs],
         )

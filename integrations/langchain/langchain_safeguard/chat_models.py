@@ -46,6 +46,7 @@ from safeguard.runtime.models import EMBEDDED_MODEL_NAME
 
 from ._convert import REPORT_EVENT, REPORT_KEY, response_metadata, to_chat_messages, usage
 from ._loading import shared_llm
+from ._policy import registered_policies, request_policy
 
 __all__ = ["ChatSafeguard"]
 
@@ -184,6 +185,9 @@ class ChatSafeguard(BaseChatModel):
     policy: Policy | str | Path | None = None
     """Policy file (YAML/JSON) or ``Policy`` used when a request names none; ``None`` uses the model's
     default (the shipped ``default`` policy for the embedded model, no policy otherwise)."""
+    policies: dict[str, Policy | str | Path] | None = None
+    """Named policies a request may pick by name (``config["configurable"]["policy"]`` or ``policy=``), besides the
+    shipped names and ``Policy`` objects: ``{"strict": "policies/strict.yaml"}``. A request never names a file."""
     steer: bool = True
     """``False`` answers every request with the unsteered model (no detection, no steering)."""
     quantization: Literal["4bit", "8bit"] | None = None
@@ -213,6 +217,12 @@ class ChatSafeguard(BaseChatModel):
     ``quantization`` and ``device`` unset). Not serialized."""
 
     _loaded: SteeredLLM | None = PrivateAttr(default=None)
+    _registry: dict[str, Policy] | None = PrivateAttr(default=None)
+
+    def _registered(self) -> dict[str, Policy]:
+        if self._registry is None:
+            self._registry = registered_policies(self.policies)
+        return self._registry
 
     @model_validator(mode="after")
     def _llm_or_loading_args(self) -> ChatSafeguard:
@@ -281,7 +291,7 @@ class ChatSafeguard(BaseChatModel):
             raise InputError(f"{sorted(unknown)}: ChatSafeguard does not do tool calling or structured output")
         if unknown:
             raise InputError(f"unknown argument(s) {sorted(unknown)}; per-call arguments are stop and {sorted(_CALL_KWARGS)}")
-        policy = kwargs.get("policy")
+        policy = request_policy(kwargs.get("policy"), self._registered())  # a name or a Policy, never a file
         stop_ = stop if stop is not None else self.stop
         max_tokens = kwargs.get("max_tokens") or self.max_tokens
         if not isinstance(max_tokens, int) or max_tokens < 1:

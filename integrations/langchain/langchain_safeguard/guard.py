@@ -10,7 +10,7 @@ passes. Every reply carries the verdict in ``response_metadata["safeguard"]``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from safeguard import InputError, Policy, SteeredLLM, SteeringReport
 
 from ._convert import REPORT_KEY, report_dict, to_chat_messages
 from ._loading import shared_llm
+from ._policy import registered_policies, request_policy
 
 __all__ = ["DEFAULT_REFUSAL", "SafeguardGuard"]
 
@@ -52,20 +53,24 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
         guarded.invoke("How do I bake bread?")                   # the guarded model's answer
         msg.response_metadata["safeguard"]["fired"]               # the verdict, on both kinds of reply
 
-    ``config={"configurable": {"policy": ...}}`` picks a policy per request (a batch screens each distinct
+    ``config={"configurable": {"policy": ...}}`` or a call's ``policy=`` picks a policy per request by name (``policies=``
+    registers names; shipped names work) or as a ``Policy``, never by file path (a batch screens each distinct
     policy's rows in one pass). A request is refused when a category with ``response: refuse`` fires (``redirect`` categories need the
     steered model itself, so here they are reported, not acted on). ``llm`` shares a loaded ``SteeredLLM``;
     otherwise ``model`` / ``sae`` / ``quantization`` / ``device`` name the one to load (the embedded model by
     default), shared with every ``ChatSafeguard`` that asks for the same.
     """
 
-    def __init__(self, guarded: Runnable[Any, Any], *, policy: Policy | str | Path | None = None, refusal: str = DEFAULT_REFUSAL,
+    def __init__(self, guarded: Runnable[Any, Any], *, policy: Policy | str | Path | None = None,
+                 policies: Mapping[str, Policy | str | Path] | None = None, refusal: str = DEFAULT_REFUSAL,
                  llm: SteeredLLM | None = None, model: str | None = None, sae: str | list[str] | None = None,
                  quantization: str | None = None, device: str | None = None, batch_size: int = 8):
         if llm is not None and any(x is not None for x in (model, sae, quantization, device)):
             raise ValueError("pass either llm= (a ready SteeredLLM) or model/sae/quantization/device to load one, not both")
         self.guarded = guarded
         self.policy = policy
+        self.policies = registered_policies(policies)
+        """Named policies a request may pick by name, besides the shipped names and ``Policy`` objects."""
         self.refusal = refusal
         self.batch_size = batch_size
         self._llm = llm
@@ -95,10 +100,13 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
                 out[i] = rep
         return out  # type: ignore[return-value]
 
-    @staticmethod
-    def _policy_of(config: RunnableConfig | None) -> Any:
-        """A per-request policy from ``config["configurable"]["policy"]``, as ChatSafeguard reads it."""
-        return ((config or {}).get("configurable") or {}).get("policy")
+    def _policy_of(self, config: RunnableConfig | None, kwargs: Mapping[str, Any] | None = None) -> Policy | None:
+        """A per-request policy from the call's ``policy=`` or ``config["configurable"]["policy"]``, as ChatSafeguard
+        reads it: a registered or shipped name, or a ``Policy``; never a file path."""
+        value = (kwargs or {}).get("policy")
+        if value is None:
+            value = ((config or {}).get("configurable") or {}).get("policy")
+        return request_policy(value, self.policies)
 
     @staticmethod
     def blocks(report: SteeringReport) -> bool:
@@ -118,17 +126,26 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
 
     # ------------------------------------------------------------------------------------ Runnable
     def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
-        [report] = self.screen([input], [self._policy_of(config)])
+        policy = self._policy_of(config, kwargs)
+        kwargs.pop("policy", None)
+        [report] = self.screen([input], [policy])
         if self.blocks(report):
             return self._refusal(report)
         return self._tag(self.guarded.invoke(input, config, **kwargs), report)
 
     def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        [report] = self.screen([input], [self._policy_of(config)])
+        """The guarded model's chunks, the first tagged with the verdict (``response_metadata["safeguard"]``; once, since
+        adding chunks concatenates their metadata strings), or the refusal."""
+        policy = self._policy_of(config, kwargs)
+        kwargs.pop("policy", None)
+        [report] = self.screen([input], [policy])
         if self.blocks(report):
             yield self._refusal(report)
             return
-        yield from self.guarded.stream(input, config, **kwargs)
+        first = True
+        for chunk in self.guarded.stream(input, config, **kwargs):
+            yield self._tag(chunk, report) if first else chunk
+            first = False
 
     def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None, *,
               return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
@@ -145,7 +162,17 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
                 if not return_exceptions:
                     raise
                 out[i] = exc
-        reports = dict(zip(rows, self._screen_rows(list(rows.values()), [self._policy_of(configs[i]) for i in rows]), strict=True))
+        policy = kwargs.pop("policy", None)
+        chosen: dict[int, Any] = {}
+        for i in list(rows):
+            try:
+                chosen[i] = self._policy_of(configs[i], {"policy": policy})
+            except Exception as exc:
+                if not return_exceptions:
+                    raise
+                out[i] = exc
+                del rows[i]
+        reports = dict(zip(rows, self._screen_rows(list(rows.values()), [chosen[i] for i in rows]), strict=True))
         passed = []
         for i, report in reports.items():
             if self.blocks(report):

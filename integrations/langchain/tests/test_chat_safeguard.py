@@ -168,19 +168,38 @@ def test_streaming_true_makes_invoke_stream_to_callbacks(tiny_llm):
 
 
 # ------------------------------------------------------------------------------ per-request policy
-def test_policy_per_call_bind_config_and_field(chat, tiny_llm, tmp_path):
+def test_policy_per_call_bind_config_and_field(tiny_llm, tmp_path):
     path = tmp_path / "never.yaml"
     path.write_text(yaml.safe_dump(policy_dict(threshold=1e9)))
+    chat = ChatSafeguard(llm=tiny_llm, max_tokens=MAX, policies={"never": path})  # files are registered at construction
     never, fire = expected(tiny_llm, "hello there", policy=NEVER).text, expected(tiny_llm, "hello there").text
     assert never != fire
-    assert chat.invoke("hello there", policy=str(path)).content == never
-    assert chat.bind(policy=path).invoke("hello there").content == never
-    assert chat.with_config(configurable={"policy": str(path)}).invoke("hello there").content == never
+    assert chat.invoke("hello there", policy="never").content == never
+    assert chat.bind(policy="never").invoke("hello there").content == never
+    assert chat.bind(policy=Policy.load(path)).invoke("hello there").content == never
+    assert chat.with_config(configurable={"policy": "never"}).invoke("hello there").content == never
     assert chat.invoke("hello there", config={"configurable": {"policy": NEVER}}).content == never
     assert ChatSafeguard(llm=tiny_llm, max_tokens=MAX, policy=NEVER).invoke("hello there").content == never
+    assert ChatSafeguard(llm=tiny_llm, max_tokens=MAX, policy=path).invoke("hello there").content == never  # a developer's path
     # an explicit policy= wins over configurable, which wins over the field
     assert chat.invoke("hello there", policy=FIRE, config={"configurable": {"policy": NEVER}}).content == fire
     assert ChatSafeguard(llm=tiny_llm, max_tokens=MAX, policy=FIRE).invoke("hello there", config={"configurable": {"policy": NEVER}}).content == never
+
+
+def test_a_request_never_names_a_policy_file(chat, tmp_path):
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("SECRET-LINE-1: x\nSECRET-LINE-2: y\n")
+    valid = tmp_path / "valid.yaml"
+    valid.write_text(yaml.safe_dump(policy_dict(threshold=1e9)))
+    for bad in (str(secret), str(valid), valid, "/etc/shadow", "../never.yaml"):
+        for call in (lambda p: chat.invoke("hello there", policy=p), lambda p: chat.bind(policy=p).invoke("hello there"),
+                     lambda p: chat.invoke("hello there", config={"configurable": {"policy": p}}),
+                     lambda p: list(chat.stream("hello there", config={"configurable": {"policy": p}}))):
+            with pytest.raises(PolicyError, match="never a file path") as info:
+                call(bad)
+            assert "SECRET" not in str(info.value)
+    out = chat.batch(["hello there", "hi"], config=[{"configurable": {"policy": str(secret)}}, {}], return_exceptions=True)
+    assert isinstance(out[0], PolicyError) and not isinstance(out[1], Exception)  # the bad row fails alone
 
 
 def test_configurable_policy_inside_a_chain(chat, tiny_llm):
@@ -197,11 +216,11 @@ def test_configurable_policy_inside_a_chain(chat, tiny_llm):
         == expected(tiny_llm, messages, policy=NEVER).text
 
 
-def test_a_bad_policy_fails_its_request_with_the_file_named(chat, tmp_path):
+def test_a_bad_policy_file_fails_at_first_use_with_the_file_named(tiny_llm, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**policy_dict(), "categories": "nope"}))
     with pytest.raises(PolicyError, match="bad.yaml"):
-        chat.invoke("hello there", policy=str(bad))
+        ChatSafeguard(llm=tiny_llm, max_tokens=MAX, policies={"bad": bad}).invoke("hello there", policy="bad")
 
 
 # ------------------------------------------------------------------------------------ report events
@@ -270,13 +289,13 @@ def test_batch_groups_rows_by_generation_settings(chat, tiny_llm, monkeypatch):
     assert calls == [MAX, MAX]
 
 
-def test_one_bad_row_fails_alone(chat, tiny_llm, tmp_path):
-    missing = str(tmp_path / "missing.yaml")
+def test_one_bad_row_fails_alone(chat, tiny_llm):
+    missing = "no-such-policy"
     inputs = ["hello there", [HumanMessage(content=[{"type": "image", "url": "u"}])], "third", "fourth"]
     configs = [{}, {}, {"configurable": {"policy": missing}}, {}]
     h = Events()
     out = chat.batch(inputs, config=[{**c, "callbacks": [h]} for c in configs], return_exceptions=True)
-    assert isinstance(out[1], InputError) and isinstance(out[2], PolicyError) and "missing.yaml" in str(out[2])
+    assert isinstance(out[1], InputError) and isinstance(out[2], PolicyError) and "'no-such-policy'" in str(out[2])
     assert out[0].content == chat.invoke("hello there").content and out[3].content == chat.invoke("fourth").content
     assert len(h.reports) == 2
     with pytest.raises(InputError, match="reads text only"):

@@ -116,3 +116,49 @@ def test_a_policy_per_request_from_the_config(tiny_llm):
     assert guard.invoke("hi", config={"configurable": {"policy": FIRE}}).content == DEFAULT_REFUSAL
     out = guard.batch(["a", "b", "c"], config=[{"configurable": {"policy": FIRE}}, {}, {"configurable": {"policy": FIRE}}])
     assert [m.content for m in out] == [DEFAULT_REFUSAL, "the guarded model's answer", DEFAULT_REFUSAL] and len(fake.seen) == 1
+
+
+def test_stream_tags_the_replies_it_lets_through(tiny_llm):
+    guarded = FakeListChatModel(responses=["the guarded model's answer"])
+    guard = SafeguardGuard(guarded, llm=tiny_llm, policy=NEVER)
+    chunks = list(guard.stream("hello there"))
+    assert len(chunks) > 1 and "".join(c.content for c in chunks) == "the guarded model's answer"
+    verdict = {k: v for k, v in guard.invoke("hello there").response_metadata["safeguard"].items() if k != "timings"}
+    tagged = chunks[0].response_metadata["safeguard"]
+    assert {k: v for k, v in tagged.items() if k != "timings"} == verdict and verdict["fired"] == [] and verdict["policy_name"] == "tiny"
+    whole = chunks[0]
+    for c in chunks[1:]:
+        whole += c
+    assert whole.response_metadata["safeguard"] == tagged  # tagged once: adding chunks keeps it intact
+
+
+@pytest.mark.parametrize("how", ["config", "kwarg"])
+def test_a_request_picks_a_policy_by_name_never_by_path(tiny_llm, tmp_path, how):
+    import yaml
+
+    from safeguard import PolicyError
+
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("SECRET-LINE-1: x\nSECRET-LINE-2: y\n")
+    valid = tmp_path / "valid.yaml"
+    valid.write_text(yaml.safe_dump(policy_dict(threshold=-1.0)))
+    fake = Counted()
+    guard = SafeguardGuard(fake.runnable(), llm=tiny_llm, policy=NEVER, policies={"loud": valid})  # files at construction: fine
+
+    def call(policy):
+        return guard.invoke("hi", config={"configurable": {"policy": policy}}) if how == "config" else guard.invoke("hi", policy=policy)
+
+    for bad in (str(secret), str(valid), "/etc/shadow", "../valid.yaml", valid):
+        with pytest.raises(PolicyError, match="never a file path") as info:
+            call(bad)
+        assert "SECRET" not in str(info.value) and "loud" in str(info.value)
+    assert call("loud").content == DEFAULT_REFUSAL  # a registered name
+    assert call(FIRE).content == DEFAULT_REFUSAL  # a Policy object
+
+
+def test_shipped_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):
+    from langchain_safeguard._policy import request_policy
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eu").write_text("SECRET")  # a file in the working directory named like a shipped policy is never read
+    assert request_policy("eu", {}).name == "eu"
