@@ -334,10 +334,16 @@ class RunState:
                 if layer in sp.encoders:
                     sink = self.shadow_decisions[row].setdefault(id(sp), {})
                     groups.setdefault(id(sp), (sp, []))[1].append((row, sink))
+        encoded: dict[tuple[Any, ...], torch.Tensor] = {}  # policies over the same pack share their encoder columns
         for p, entries in groups.values():
-            idx = torch.tensor([row for row, _ in entries], device=h.device)
+            rows = tuple(row for row, _ in entries)
+            idx = torch.tensor(rows, device=h.device)
             mask = self.user_mask.to(h.device)[idx]
-            acts = p.encoders[layer](h[idx])  # (n, P, k)
+            enc = p.encoders[layer]
+            key = (id(enc._sae), tuple(enc.features), rows)
+            if key not in encoded:
+                encoded[key] = enc(h[idx])  # (n, P, k)
+            acts = encoded[key]
             for c in p.categories:
                 if c.layer != layer:
                     continue
