@@ -4,9 +4,10 @@
 # pack.vectors.safetensors, pack.provenance.json and the tables in selection/ beside it); `safeguard eval` then
 # measures each shipped policy (policies/default.yaml, eu.yaml, us.yaml: short files people write; regions are
 # edits of them, never a selection) against that pack on the held-out split.
-# Durations, one CPU thread each (measured DURATIONS_TBD): select about SELECT_TBD with its caches in
-# ~/.cache/safeguard/selection warm (prompt statistics, pooled features, refusal replies, causal check), about
-# 15 min more from cold; each evaluation about EVAL_TBD (unsteered replies are cached and shared by all three).
+# Durations, one CPU thread each, measured 2026-12-02 on the shared 2-core machine: select 4 min 56 s with the
+# selection caches in ~/.cache/safeguard/selection warm (prompt statistics, pooled features, refusal replies, causal
+# check); filling them from cold took about 32 min (a run of the previous select, beside other work). eval 30-33 min
+# each for default and eu run side by side, 14 min for us alone (unsteered replies are cached in ~/.cache/safeguard/eval and shared by all three).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SG=${SG:-.venv/bin/safeguard}

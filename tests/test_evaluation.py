@@ -262,6 +262,8 @@ def test_stated_sensitivity_is_shown_beside_the_measured_rates_and_against_the_p
     assert "| (any category) |  |  |  | 40.0% -> 80.0% (5) | 0.0% -> 11.1% |" in md
     assert "detector pack `smol` (hash `p1`)" in md and "extends `default`" in md
     assert EvalResult.from_json(json.loads(json.dumps(res.to_json()))).versus_parent() == vs
+    off = EvalResult({**child, "categories": {"security_risks": _stated()}}, "tiny", rows, {}, res.settings, parent=parent)
+    assert "| privacy | refuse -> off | standard -> - | 2.5 -> - | 25.0% -> - (4) | 0.0% -> - |" in to_markdown(off)
     alone = EvalResult({**child, "extends": None}, "tiny", rows, {}, res.settings)
     assert alone.versus_parent() is None and "where they differ" not in to_markdown(alone)
 

@@ -705,11 +705,15 @@ def _tables(result: EvalResult) -> list[tuple[str, list[str], list[list[str]]]]:
         par, child = vs["parent"]["name"], result.policy["name"]
         rows = []
         for c, v in vs["categories"].items():
-            a, b = v["parent"] or {}, v["child"] or {}
-            rows.append([c, _arrow(a.get("response", "off"), b.get("response", "off")), _arrow(a.get("sensitivity", ""), b.get("sensitivity", "")),
-                         _arrow(_num(a.get("threshold")), _num(b.get("threshold"))),
-                         _arrow(_opt(a.get("recall_heldout")), _opt(b.get("recall_heldout"))) + f" ({(a or b).get('n_harmful', 0)})",
-                         _arrow(_opt(a.get("fpr_heldout")), _opt(b.get("fpr_heldout")))])
+            a, b = v["parent"] or {}, v["child"] or {}  # empty: the category is off on that side
+
+            def side(d: Mapping[str, Any], key: str, fmt: Any) -> str:
+                return fmt(d.get(key)) if d else "-"
+
+            rows.append([c, _arrow(a.get("response", "off"), b.get("response", "off")), _arrow(side(a, "sensitivity", str), side(b, "sensitivity", str)),
+                         _arrow(side(a, "threshold", _num), side(b, "threshold", _num)),
+                         _arrow(side(a, "recall_heldout", _opt), side(b, "recall_heldout", _opt)) + f" ({(a or b).get('n_harmful', 0)})",
+                         _arrow(side(a, "fpr_heldout", _opt), side(b, "fpr_heldout", _opt))])
         fh, fb = vs["any_fired"]["harmful"], vs["any_fired"]["benign"]
         rows.append(["(any category)", "", "", "", _arrow(_pct(fh["parent"]), _pct(fh["child"])) + f" ({fh['n']})",
                      _arrow(_pct(fb["parent"]), _pct(fb["child"]))])
