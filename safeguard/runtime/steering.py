@@ -271,9 +271,9 @@ class RunState:
 
     def __post_init__(self) -> None:
         if self.user_mask.shape != self.attention_mask.shape or self.user_mask.shape[0] != len(self.policies):
-            raise ValueError("user_mask, attention_mask and policies must agree on the batch size and prompt length")
+            raise SteeringError("user_mask, attention_mask and policies must agree on the batch size and prompt length")
         if self.shadows is not None and len(self.shadows) != len(self.policies):
-            raise ValueError("shadows must give one (possibly empty) list of policies per row")
+            raise SteeringError("shadows must give one (possibly empty) list of policies per row")
         self.decisions = [{} for _ in self.policies]
         self.shadow_decisions = [{} for _ in self.policies]
 

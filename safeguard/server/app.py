@@ -78,11 +78,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_tokens", "default_max_tokens", "max_queue", "max_batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.batch_window_s < 0:
-            raise ValueError("ServerConfig.request_timeout_s must be > 0 and batch_window_s >= 0")
+            raise InputError("ServerConfig.request_timeout_s must be > 0 and batch_window_s >= 0")
         if self.default_max_tokens > self.max_tokens:
-            raise ValueError(f"ServerConfig.default_max_tokens={self.default_max_tokens} exceeds max_tokens={self.max_tokens}")
+            raise InputError(f"ServerConfig.default_max_tokens={self.default_max_tokens} exceeds max_tokens={self.max_tokens}")
 
 
 class PolicyTable:

@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import SafeguardError
+from ..errors import InputError, SafeguardError
 
 __all__ = ["Job", "MicroBatcher", "Settings"]
 
@@ -89,7 +89,7 @@ class MicroBatcher:
 
     def __init__(self, llm: Any, *, window_s: float = 0.005, max_batch: int = 8, on_batch: Any = None):
         if window_s < 0 or max_batch < 1:
-            raise ValueError(f"window_s must be >= 0 and max_batch >= 1, got {window_s}, {max_batch}")
+            raise InputError(f"window_s must be >= 0 and max_batch >= 1, got {window_s}, {max_batch}")
         self.llm = llm
         self.window_s = float(window_s)
         self.max_batch = int(max_batch)
