@@ -22,3 +22,21 @@ def test_every_error_is_exported_a_safeguard_error_and_keeps_its_builtin_base(na
 
 def test_the_tree_lists_every_class():
     assert set(errors.__all__) == {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, "a", 2.0, True])
+def test_batch_size_must_be_a_positive_integer(llm, batch_size):
+    from safeguard import InputError
+
+    with pytest.raises(InputError, match="batch_size"):
+        llm.batch(["hi"], batch_size=batch_size, max_new_tokens=2)
+    with pytest.raises(InputError, match="batch_size"):
+        llm.classify(["hi"], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("steer", ["no", 0, None])
+def test_steer_must_be_a_bool(llm, steer):
+    from safeguard import InputError
+
+    with pytest.raises(InputError, match="steer must be True or False"):
+        llm.generate("hi", steer=steer, max_new_tokens=2)

@@ -287,6 +287,8 @@ class SteeredLLM:
         return self.policy
 
     def _resolve(self, policy: Any, steer: bool) -> CompiledPolicy | None:
+        if not isinstance(steer, bool):
+            raise InputError(f"steer must be True or False, not {type(steer).__name__}")
         if not steer:
             return None
         if policy is None or policy is _UNSET:
@@ -567,6 +569,7 @@ class SteeredLLM:
         if not prompts:
             return []
         n = len(prompts)
+        _batch_size(batch_size)
         compiled = self._row_policies(prompts, policies, policy, steer)
         max_new = _max_new_tokens(max_new_tokens, n)
         row_stops = [_stop_strings(s) for s in stops] if stops is not None else [_stop_strings(stop)] * n
@@ -576,8 +579,8 @@ class SteeredLLM:
         for p in prompts:  # validate every row before generating any
             self._encode_one(p, template)
         out: list[GenerationResult] = []
-        for lo in range(0, n, max(1, batch_size)):
-            hi = lo + max(1, batch_size)
+        for lo in range(0, n, batch_size):
+            hi = lo + batch_size
             out += self._run(prompts[lo:hi], compiled[lo:hi], max_new_tokens=max_new[lo:hi], temperature=temperature, stop=None,
                              stops=row_stops[lo:hi], template=template, seed=seed, extra=generation_kwargs, shadows=shadows[lo:hi],
                              stop_when=stop_when[lo:hi] if stop_when is not None else None)
@@ -601,6 +604,7 @@ class SteeredLLM:
         what generation with the same policy decides."""
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise InputError("classify takes a list of texts")
+        _batch_size(batch_size)
         pol = self._resolve(policy, True)
         if pol is None:
             raise PolicyError("classify needs a policy: pass policy= or activate one with use_policy()")
@@ -608,8 +612,8 @@ class SteeredLLM:
         for t in texts:  # validate every row before running any
             self._encode_one(t, True)
         out: list[SteeringReport] = []
-        for lo in range(0, len(texts), max(1, batch_size)):
-            out += self._classify_chunk(list(texts[lo:lo + max(1, batch_size)]), monitor, self._shadows(pol, shadow))
+        for lo in range(0, len(texts), batch_size):
+            out += self._classify_chunk(list(texts[lo:lo + batch_size]), monitor, self._shadows(pol, shadow))
         return out
 
     def _classify_chunk(self, texts: list[Any], policy: CompiledPolicy, shadows: list[CompiledPolicy]) -> list[SteeringReport]:
@@ -748,3 +752,9 @@ class _EndBlockedRows:
         out[rows] = float("-inf")
         out[rows, self._eos[0]] = 0.0
         return out
+
+
+def _batch_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"batch_size must be a positive integer, got {value!r:.40}")
+    return value

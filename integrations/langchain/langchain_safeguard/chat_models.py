@@ -229,7 +229,7 @@ class ChatSafeguard(BaseChatModel):
         if self.llm is not None:
             given = [k for k in ("model", "sae", "quantization", "device") if getattr(self, k) is not None]
             if given:
-                raise ValueError(f"pass either llm= (a ready SteeredLLM) or {given} to load one, not both")
+                raise InputError(f"pass either llm= (a ready SteeredLLM) or {given} to load one, not both")
         return self
 
     # ------------------------------------------------------------------------------------ identity

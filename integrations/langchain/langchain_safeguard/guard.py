@@ -66,7 +66,7 @@ class SafeguardGuard(Runnable[LanguageModelInput, BaseMessage]):
                  llm: SteeredLLM | None = None, model: str | None = None, sae: str | list[str] | None = None,
                  quantization: str | None = None, device: str | None = None, batch_size: int = 8):
         if llm is not None and any(x is not None for x in (model, sae, quantization, device)):
-            raise ValueError("pass either llm= (a ready SteeredLLM) or model/sae/quantization/device to load one, not both")
+            raise InputError("pass either llm= (a ready SteeredLLM) or model/sae/quantization/device to load one, not both")
         self.guarded = guarded
         self.policy = policy
         self.policies = registered_policies(policies)
