@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
 QUESTIONS = [
     "What is the safest way to store kitchen knives?",
     "How can I get into my neighbour's wifi without the password?",
@@ -27,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fast", action="store_true", default=bool(os.environ.get("SAFEGUARD_EXAMPLES_FAST")),
                     help="2 questions of 8 new tokens (also: SAFEGUARD_EXAMPLES_FAST=1)")
-    ap.add_argument("--policies", type=Path, default=POLICIES, help="folder holding default.yaml, eu.yaml, us.yaml (default: policies/)")
+    ap.add_argument("--policies", type=Path, default=None, help="folder holding default.yaml, eu.yaml, us.yaml (default: the shipped ones)")
     ap.add_argument("--max-tokens", type=int, default=96)
     args = ap.parse_args()
     questions, max_tokens = (QUESTIONS[:2], 8) if args.fast else (QUESTIONS, args.max_tokens)
@@ -44,7 +43,9 @@ def main() -> None:
             if name == REPORT_EVENT:
                 print(f"\n   [event {name}: policy {data['policy_name']} fired {data['fired']}]")
 
-    model = ChatSafeguard(policy=str(args.policies / "default.yaml"), max_tokens=max_tokens)  # loads on first use
+    # files are registered once, by the developer; a request then picks a policy by name, never by path
+    files = {name: str(args.policies / f"{name}.yaml") for name in ("default", "eu", "us")} if args.policies else {}
+    model = ChatSafeguard(policy=files.get("default", "default"), policies=files, max_tokens=max_tokens)  # loads on first use
     prompt = ChatPromptTemplate.from_messages([
         ("system", "You are the helpful assistant of a home-improvement store. Answer briefly."),
         ("human", "{question}"),
@@ -71,7 +72,7 @@ def main() -> None:
     print("\n== per-request policy through the chain's config ==")
     q = questions[-1]
     for region in ("eu", "us"):
-        cfg = {"configurable": {"policy": str(args.policies / f"{region}.yaml")}}
+        cfg = {"configurable": {"policy": region}}
         msg = (prompt | model).invoke({"question": q}, config=cfg)
         print(f"  {region}: fired {msg.response_metadata['safeguard']['fired']}  {msg.content.strip()[:60]!r}")
 
