@@ -283,6 +283,14 @@ def test_select_writes_a_pack_with_levels_vectors_provenance_and_tables(llm, tmp
     assert "security_risks" in shown and "refusal" in shown
     assert "feature" in render_table(table["rows"], category="refusal", top=2)
     assert "security_risks" in render_levels(pack) and "recall" in render_levels(pack)
+    # every step's cache is safetensors + JSON (never a pickle) and reads back
+    from safeguard.lab import _cache
+
+    cached = sorted((tmp_path / "cache" / "selection").iterdir())
+    steps = [f for f in cached if f.suffix == ".safetensors"]
+    assert sorted(f.name.split("-")[0] for f in steps) == ["causal", "pooled", "prompts", "replies", "valscores"]
+    assert all(f in steps or (f.name.startswith("replies-") and f.suffix == ".json") for f in cached)
+    assert all(_cache.load(f) is not None for f in steps)
 
 
 def test_operating_points_are_monotone_and_sit_on_the_calibration_scores():

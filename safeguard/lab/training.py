@@ -153,7 +153,17 @@ def generate_replies(
     ``{prompt: reply}`` for this model and ``max_new_tokens``; only prompts missing from it are generated."""
     from tqdm.auto import tqdm
 
-    known: dict[str, str] = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    known: dict[str, str] = {}
+    if cache is not None and cache.is_file():
+        try:  # JSON, never a pickle; an unreadable or malformed file is regenerated
+            data = json.loads(cache.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the unreadable reply cache %s (%s); regenerating it", cache, exc)
+            data = None
+        if isinstance(data, dict):
+            known = {k: v for k, v in data.items() if isinstance(v, str)}
+        elif data is not None:
+            log.warning("ignoring the reply cache %s: not a JSON object of prompt to reply; regenerating it", cache)
     missing = sorted({p for p in prompts if p not in known}, key=len)  # similar lengths pad less
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -178,7 +188,7 @@ def generate_replies(
         if cache is not None and missing:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(known, ensure_ascii=False, sort_keys=True))
+            tmp.write_text(json.dumps(known, ensure_ascii=False, sort_keys=True), encoding="utf-8")
             tmp.replace(cache)
     return [known[p] for p in prompts]
 

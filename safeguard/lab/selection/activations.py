@@ -213,7 +213,9 @@ def compliance_replies(llm: Any, prompts: Sequence[str], *, max_new_tokens: int 
         for f in sorted(folder.glob("replies-*.json")) if folder.is_dir() else []:
             try:
                 data = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError):  # JSON, never a pickle; an unreadable file is skipped
+                continue
+            if not isinstance(data, dict):
                 continue
             if data.get("model", llm.model_name) != llm.model_name and f.parent.name == "selection":
                 continue

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..._hashing import stable_hash as _sha
 
 HARMLESS_GROUPS = ("benign", "benign_risky_looking")
@@ -64,17 +62,10 @@ def selection_data(*, seed: int = 0, val: float = 0.2, held_out: float = 0.3, ha
 
 
 def _cached(path: Path, make: Callable[[], Any]) -> Any:
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=False)
-        except Exception:  # a broken cache is rebuilt
-            pass
-    value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(value, tmp)
-    tmp.replace(path)
-    return value
+    """``make()``, cached at ``path`` (a ``.safetensors`` file; see ``safeguard.lab._cache``: never a pickle)."""
+    from .._cache import cached
+
+    return cached(path, make)
 
 
 

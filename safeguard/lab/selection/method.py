@@ -190,8 +190,11 @@ def select(
     sae_key = [(s.source, s.d_sae, s.info.get("metrics")) for s in (det_sae, st_sae)]
     cache = cache_root() / "selection"
 
+    def at(kind: str, *key: Any) -> Path:  # the cache file of one step: safetensors + JSON, never a pickle
+        return cache / f"{kind}-{_sha(*key)[:20]}.safetensors"
+
     # 1. statistics of prompts per category and of harmless prompts (pooled over the user's tokens)
-    pstats: PromptStats = _cached(cache / f"prompts-{_sha(llm.model_name, sae_key, groups, wrapped, detect_layer, steer_layer, detect_reduce)[:20]}.pt",
+    pstats: PromptStats = _cached(at("prompts", llm.model_name, sae_key, groups, wrapped, detect_layer, steer_layer, detect_reduce),
                                   lambda: collect_prompt_stats(llm, groups, detect_layer=detect_layer, steer_layer=steer_layer, reduce=detect_reduce,
                                                                detect_only=wrapped, progress=progress))
     harmless = pstats.detect.summary(with_wrapped(HARMLESS_GROUPS))
@@ -212,7 +215,7 @@ def select(
     neg_texts = list(dict.fromkeys([p.text for p in data.harmless_select] + [t for g in HARMLESS_GROUPS for t in wrapped.get(f"{g}{WRAPPED}", [])]))
     all_texts = list(dict.fromkeys([t for c in cats for t in pos_texts[c]] + neg_texts))
     union = sorted({f for fs in cands.values() for f in fs})
-    pooled = _cached(cache / f"pooled-{_sha(llm.model_name, sae_key, union, all_texts, detect_layer, detect_reduce)[:20]}.pt",
+    pooled = _cached(at("pooled", llm.model_name, sae_key, union, all_texts, detect_layer, detect_reduce),
                      lambda: pooled_features(llm, all_texts, union, layer=detect_layer, reduce=detect_reduce, progress=progress,
                                              desc="Pooling candidates"))
     index = {t: i for i, t in enumerate(all_texts)}
@@ -236,7 +239,7 @@ def select(
     val_h = [p for p in data.harmful_val if p.category in cats]
     val_h_texts = [p.text for p in val_h]
     val_b_texts = [p.text for p in data.harmless_val]
-    vscores = _cached(cache / f"valscores-{_sha(llm.model_name, sae_key, [asdict(d) for d in detectors], val_h_texts, val_b_texts, detect_layer)[:20]}.pt",
+    vscores = _cached(at("valscores", llm.model_name, sae_key, [asdict(d) for d in detectors], val_h_texts, val_b_texts, detect_layer),
                       lambda: detection_scores(llm, val_h_texts + val_b_texts, detectors, layer=detect_layer, progress=progress, desc="Scoring validation"))
     nvh = len(val_h_texts)
 
@@ -300,7 +303,7 @@ def select(
         return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
 
     pairs = [(p, pick(REFUSALS, p), r if r.strip() and not is_refusal(r) else pick(COMPLIANT_OPENERS, p)) for p, r in zip(pair_prompts, replies, strict=True)]
-    rstats: ReplyStats = _cached(cache / f"replies-{_sha(llm.model_name, sae_key, pairs, steer_layer)[:20]}.pt",
+    rstats: ReplyStats = _cached(at("replies", llm.model_name, sae_key, pairs, steer_layer),
                                  lambda: collect_reply_stats(llm, pairs, layer=steer_layer, progress=progress))
     ref_t, ref_c = rstats.sae.summary("refusal"), rstats.sae.summary("compliance")
     rsc = contrast_scores(ref_t, ref_c)
@@ -314,7 +317,7 @@ def select(
     candidates = distinct_features(pool, dec, k=n_candidates, max_cos=max_decoder_cos)
     norm = pstats.resid_norm
     causal_prompts = [p.text for p in _cap(data.harmful_select, n_causal_prompts, seed + 11)]
-    causal = _cached(cache / f"causal-{_sha(llm.model_name, sae_key, candidates, causal_prompts, causal_strength, positions, round(norm, 4))[:20]}.pt",
+    causal = _cached(at("causal", llm.model_name, sae_key, candidates, causal_prompts, causal_strength, positions, round(norm, 4)),
                      lambda: causal_check(llm, candidates, causal_prompts, steer_layer=steer_layer, detect_layer=detect_layer,
                                           strength=causal_strength * norm, positions=positions, progress=progress))
     ranked = sorted(candidates, key=lambda f: (-causal[f]["refusal"], -float(steer_score[f])))
