@@ -222,13 +222,27 @@ class MicroBatcher:
             for j in jobs:
                 j.future.set_exception(exc)
             return
+        retry: list[Job] = []
+
+        def done(result: Any, error: BaseException | None, j: Job) -> None:
+            if error is None:
+                j.future.set_result(result)
+            elif len(jobs) > 1:  # the shared call failed (inside the forward pass): each row is tried again alone
+                retry.append(j)
+            else:
+                j.future.set_exception(error)
+
         for j, st in zip(jobs, streams, strict=True):
-            if j.stream:
+            if j.stream:  # a stream already handed out gets the error itself
                 j.future.set_result(st)
             else:
-                st.add_done_callback(lambda result, error, j=j: j.future.set_exception(error) if error is not None else j.future.set_result(result))
+                st.add_done_callback(lambda result, error, j=j: done(result, error, j))
         for st in streams:  # the model is busy until every row has ended (whether or not its stream was read)
             st.wait()
+        if retry:
+            log.warning("a batch of %d rows failed; retrying %d of them one by one", len(jobs), len(retry))
+            for j in retry:
+                self._run([j])
 
     def _start(self, jobs: list[Job]) -> list[Any]:
         s = jobs[0].settings
