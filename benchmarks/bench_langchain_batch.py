@@ -88,7 +88,7 @@ def main() -> None:
 
     eu, us = ROOT / "policies" / "eu.yaml", ROOT / "policies" / "us.yaml"
     if bundled_sae_dirs() and eu.is_file() and us.is_file():
-        chat, a, b, source = ChatSafeguard(max_tokens=args.tokens), str(eu), str(us), "shipped: bundled SAE, policies/eu.yaml (A), policies/us.yaml (B)"
+        chat, a, b, source = ChatSafeguard(max_tokens=args.tokens), "eu", "us", "shipped: bundled SAE, policies/eu.yaml (A), policies/us.yaml (B)"
     else:
         llm, a, b = stand_in()
         chat = ChatSafeguard(llm=llm, max_tokens=args.tokens)
