@@ -80,7 +80,7 @@ def embedded_policy_pair():
         eu, us = shipped_policy("eu"), shipped_policy("us")
         if eu is None or us is None:
             pytest.skip("policies/eu.yaml and policies/us.yaml are not there yet (issue 3 ships them)")
-        return str(eu), str(us)
+        return Policy.load(eu), Policy.load(us)  # a request passes Policy objects or names, never paths
     return Policy.from_dict(stand_in_policy(threshold=-1.0, strength=4.0, name="fire")), Policy.from_dict(stand_in_policy())
 
 
