@@ -37,6 +37,8 @@ def main() -> None:
     from langchain_core.prompts import ChatPromptTemplate
     from langchain_safeguard import REPORT_EVENT, ChatSafeguard
 
+    from safeguard import Policy
+
     class PrintReports(BaseCallbackHandler):
         """Receives the steering report of every model call, as tracing tools do."""
 
@@ -71,7 +73,8 @@ def main() -> None:
     print("\n== per-request policy through the chain's config ==")
     q = questions[-1]
     for region in ("eu", "us"):
-        cfg = {"configurable": {"policy": str(args.policies / f"{region}.yaml")}}
+        # a request picks a registered name or passes a Policy object, never a file path
+        cfg = {"configurable": {"policy": Policy.load(args.policies / f"{region}.yaml")}}
         msg = (prompt | model).invoke({"question": q}, config=cfg)
         print(f"  {region}: fired {msg.response_metadata['safeguard']['fired']}  {msg.content.strip()[:60]!r}")
 
