@@ -2,7 +2,8 @@
 carrying a different policy per row.
 
 1. ``sequential``  8 ``invoke`` calls one after another, policies alternating A and B
-   ``mixed``       the same 8 requests through ``ChatSafeguard.batch`` (one padded generate call)
+   ``mixed``       the same 8 requests through ``ChatSafeguard.batch``: LangChain's default batch (one invoke per
+                   thread), whose concurrent requests the engine's batching runs as shared padded generate calls
    -> speedup = sequential / mixed
 2. ``one-A`` / ``one-B``  a batch of 8 where every row has policy A (or B)
    ``mixed``              the same batch, rows alternating A and B
@@ -87,7 +88,7 @@ def main() -> None:
 
     eu, us = ROOT / "policies" / "eu.yaml", ROOT / "policies" / "us.yaml"
     if bundled_sae_dirs() and eu.is_file() and us.is_file():
-        chat, a, b, source = ChatSafeguard(max_tokens=args.tokens), str(eu), str(us), "shipped: bundled SAE, policies/eu.yaml (A), policies/us.yaml (B)"
+        chat, a, b, source = ChatSafeguard(max_tokens=args.tokens), "eu", "us", "shipped: bundled SAE, policies/eu.yaml (A), policies/us.yaml (B)"
     else:
         llm, a, b = stand_in()
         chat = ChatSafeguard(llm=llm, max_tokens=args.tokens)
@@ -112,7 +113,14 @@ def main() -> None:
     t = {name: statistics.median(ts) for name, ts in times.items()}
     for name, s in t.items():
         print(f"  {name:10s} {s:7.2f} s  {tokens[name]:4d} new tokens  {tokens[name] / s:6.1f} tok/s")
+    calls: list[int] = []
+    llm = chat.steered_llm
+    generate = llm.model.generate
+    llm.model.generate = lambda *a, **kw: calls.append(int(kw["input_ids"].shape[0])) or generate(*a, **kw)
     out = chat.batch(PROMPTS, config=mixed)
+    del llm.model.generate
+    print(f"generate calls for the mixed batch of {len(PROMPTS)}: {len(calls)} (rows per call: {calls}; "
+          f"engine batching {llm.batching})")
     print(f"rows that fired in the mixed batch: {sum(bool(m.response_metadata['safeguard']['fired']) for m in out)}/{len(out)}")
     print(f"speedup batch vs sequential invoke: {t['sequential'] / t['mixed']:.2f}x  (same 8 requests, same mixed policies)")
     print(f"mixed policies vs one policy:       {t['mixed'] / statistics.mean([t['one-A'], t['one-B']]):.3f} "

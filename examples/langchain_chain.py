@@ -36,6 +36,7 @@ def main() -> None:
     from langchain_core.prompts import ChatPromptTemplate
     from langchain_safeguard import REPORT_EVENT, ChatSafeguard
 
+
     class PrintReports(BaseCallbackHandler):
         """Receives the steering report of every model call, as tracing tools do."""
 

@@ -19,6 +19,7 @@ from .errors import (
     TrainingError,
     UnsupportedModelError,
 )
+from .runtime.batching import BatchingConfig
 from .runtime.llm import SteeredLLM, TextStream
 from .runtime.policy import Policy
 from .runtime.report import AppliedSteering, Decision, GenerationResult, SteeringReport
@@ -31,6 +32,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "AppliedSteering",
+    "BatchingConfig",
     "DatasetError",
     "Decision",
     "EvaluationError",

@@ -6,6 +6,11 @@ Prompt to text::
         ─► model.generate inside steering(model, run)  (hooks detect at prefill, steer fired rows)
         ─► text cut at end-of-turn or a stop string ─► GenerationResult(text, report)
 
+Batching (opt-in, ``batching=BatchingConfig(...)`` or ``enable_batching()``): ``generate`` / ``chat`` / ``stream``
+and their async forms queue a row with the model's ``MicroBatcher`` (``batching.py``) instead of taking the model
+lock themselves; concurrent calls with the same sampler then share one padded ``stream_batch`` call, each row under
+its own policy, max tokens, stop strings and cancellation. Off, each call is its own generate.
+
 Two locks. Generation holds ``_model_lock``: hooks are registered on the one shared model for the length of a
 call, so two threads never see each other's steering (per-row policies in one batch need no lock between rows).
 The active policy and the compile cache have their own short ``_state_lock``, so ``use_policy`` never waits
@@ -32,6 +37,7 @@ import torch
 from .. import telemetry
 from ..errors import InputError, PolicyError, SAEError
 from ._files import contained_path
+from .batching import BatchingConfig, MicroBatcher, Settings
 from .compile import resolve
 from .models import LoadedModel, load_model
 from .names import same_model
@@ -43,7 +49,7 @@ from .saes import SAESet, load_saes
 from .steering import CompiledPolicy, RunState, decoder_layers, forward_until, generate_positions, steering
 from .streams import TextStream, _Batch, _Rows
 
-__all__ = ["MAX_STOP_CHARS", "MAX_STOP_STRINGS", "PRODUCTION_MODEL", "PRODUCTION_SAE", "SteeredLLM", "TextStream"]
+__all__ = ["MAX_STOP_CHARS", "MAX_STOP_STRINGS", "PRODUCTION_MODEL", "PRODUCTION_SAE", "BatchingConfig", "SteeredLLM", "TextStream"]
 
 log = logging.getLogger("safeguard")
 
@@ -55,6 +61,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 """Longest stop string, in characters."""
 _UNSET: Any = object()
+_BATCHABLE_KWARGS = frozenset({"max_time"})
+"""Generation keyword arguments a batched call may carry (rows with equal values share a generate call); a call with
+any other runs alone."""
 
 PromptLike = str | Sequence[Mapping[str, Any]]
 PolicyLike = Policy | str | Path
@@ -155,7 +164,7 @@ class SteeredLLM:
     """
 
     def __init__(self, loaded: LoadedModel, saes: SAESet, policy: PolicyLike | None = None, *, pack: Pack | str | Path | None = None,
-                 log_prompts: bool = False):
+                 log_prompts: bool = False, batching: BatchingConfig | bool | None = None):
         self._loaded = loaded
         self.saes = saes
         releases = sorted({s.release for s in saes.values()})
@@ -176,8 +185,13 @@ class SteeredLLM:
         """Held for a few dict operations: the active policy and the compile cache."""
         self._compiled: OrderedDict[tuple[str, str | None, bool], CompiledPolicy] = OrderedDict()
         self._active: CompiledPolicy | None = None
+        self._batcher: MicroBatcher | None = None
+        self._batching: BatchingConfig | None = None
+        self._batching_lock = threading.Lock()
         if policy is not None:
             self.use_policy(policy)
+        if batching:
+            self.enable_batching(batching if isinstance(batching, BatchingConfig) else None)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -192,6 +206,7 @@ class SteeredLLM:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         log_prompts: bool = False,
+        batching: BatchingConfig | bool | None = None,
     ) -> SteeredLLM:
         """Load a model, its SAEs, its detector pack and a policy.
 
@@ -200,6 +215,7 @@ class SteeredLLM:
         ``llama-3-8b-it-res-jh``, unmeasured), else give a pack file.
         A hub id or folder needs ``sae=`` (a folder, ``"release"`` or ``"release:sae_id"``, or a list), except
         for Llama-3-8B-Instruct, whose default is ``llama-3-8b-it-res-jh``. ``policy=None`` loads no policy.
+        ``batching=BatchingConfig(...)`` (or ``True`` for the defaults) lets concurrent calls share forward passes.
         """
         if model is None and sae is None:
             sae_spec = None
@@ -217,7 +233,7 @@ class SteeredLLM:
             pack = Pack.load(pack)
         loaded = load_model(model, quantization=quantization, device=device, dtype=dtype)
         saes = load_saes(sae_spec, device=loaded.model.device)
-        return cls(loaded, saes, policy, pack=pack, log_prompts=log_prompts)
+        return cls(loaded, saes, policy, pack=pack, log_prompts=log_prompts, batching=batching)
 
     @property
     def model(self) -> Any:
@@ -245,6 +261,65 @@ class SteeredLLM:
     def __repr__(self) -> str:
         p = self.policy
         return f"SteeredLLM(model={self.model_name!r}, saes={self.saes!r}, policy={p.name if p else None!r})"
+
+    # ----------------------------------------------------------------------------------------- batching
+    def enable_batching(self, config: BatchingConfig | None = None, *, window_ms: float | None = None,
+                        max_batch: int | None = None) -> BatchingConfig:
+        """Let concurrent ``generate`` / ``chat`` / ``stream`` calls (threads or asyncio) share padded generate calls.
+
+        A call waits up to ``window_ms`` after the first waiting call for companions with the same sampler
+        (temperature; a seeded sampled call runs alone), then up to ``max_batch`` of them run as one ``stream_batch``;
+        each gets its own result or stream. Enabling it again replaces the batcher (after its pending calls end)."""
+        if config is None:
+            config = BatchingConfig(**{k: v for k, v in (("window_ms", window_ms), ("max_batch", max_batch)) if v is not None})
+        elif window_ms is not None or max_batch is not None:
+            raise InputError("pass either a BatchingConfig or window_ms= / max_batch=, not both")
+        if not isinstance(config, BatchingConfig):
+            raise InputError(f"batching takes a BatchingConfig, not {type(config).__name__}")
+        with self._batching_lock:
+            old, self._batcher = self._batcher, MicroBatcher(self, window_s=config.window_ms / 1000, max_batch=int(config.max_batch))
+            self._batching = config
+        if old is not None:
+            old.close()
+        return config
+
+    def disable_batching(self) -> None:
+        """Back to one generate call per request; calls already queued still finish."""
+        with self._batching_lock:
+            old, self._batcher = self._batcher, None
+        if old is not None:
+            old.close()
+
+    @property
+    def batching(self) -> BatchingConfig | None:
+        """The engine batching in force, or ``None`` (off)."""
+        return self._batching if self._batcher is not None else None
+
+    @property
+    def batcher(self) -> MicroBatcher | None:
+        """The engine's micro-batcher while batching is on (``safeguard serve`` submits its requests to it)."""
+        return self._batcher
+
+    def _batched(self, prompt: Any, compiled: CompiledPolicy | None, shadows: list[CompiledPolicy], *, max_new_tokens: Any,
+                 temperature: Any, stop: Any, template: bool, seed: Any, extra: dict[str, Any], stream: bool) -> Any:
+        """Queue one row with the engine's batcher and wait for its result (``stream``: its ``TextStream``), or
+        ``_UNSET`` when this call cannot be batched (batching off, unusual generation arguments, or a call from the
+        batcher's own thread). Bad arguments fail here, in the caller's thread."""
+        b = self._batcher
+        if b is None or b.closed or b.in_worker() or not set(extra) <= _BATCHABLE_KWARGS:
+            return _UNSET
+        max_new = _max_new_tokens(max_new_tokens)
+        self._gen_kwargs(max_new, temperature, stop, extra)
+        seed = _seed(seed)
+        stops = tuple(_stop_strings(stop))
+        self._check_fits(len(self._encode_one(prompt, template)[0]), max_new[0])  # a row too long fails alone, here
+        settings = Settings(max_new[0], _temperature(temperature), stops, seed, template, tuple(sorted(extra.items())))
+        try:
+            job = b.submit(prompt, compiled if compiled is not None else False, settings, stream=stream,
+                           parent=telemetry.current_context(), shadows=shadows, cancel=_CANCEL.get())
+        except RuntimeError:  # closed meanwhile (disable_batching)
+            return _UNSET
+        return job.result()
 
     # ----------------------------------------------------------------------------------------- policies
     @property
@@ -293,6 +368,8 @@ class SteeredLLM:
             return None
         if policy is None or policy is _UNSET:
             return self._active
+        if isinstance(policy, CompiledPolicy):  # resolved already (a batched row)
+            return policy
         _check_policy_like(policy)
         return self.compile_policy(policy)
 
@@ -355,14 +432,21 @@ class SteeredLLM:
         mask = [any(s < e2 and e > s2 for s2, e2 in spans) for s, e in enc["offset_mapping"]]
         return ids, mask
 
-    def _encode(self, prompts: Sequence[Any], template: bool, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = [self._encode_one(p, template) for p in prompts]
-        longest = max(len(ids) for ids, _ in rows)
+    def _check_fits(self, longest: int, max_new_tokens: int) -> None:
         if self.context_window and longest + max_new_tokens > self.context_window:
             raise InputError(
                 f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the context window of "
                 f"{self.context_window} tokens of {self.model_name!r}; shorten the prompt or lower max_new_tokens"
             )
+
+    def _encode(self, prompts: Sequence[Any], template: bool, max_new_tokens: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ids, attention mask and user-token mask. Each row must fit the context window with its own
+        ``max_new_tokens`` (an int, or one per row): positions follow the attention mask, so padding costs none."""
+        rows = [self._encode_one(p, template) for p in prompts]
+        longest = max(len(ids) for ids, _ in rows)
+        max_new = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * len(rows)
+        for (ids_, _), m in sorted(zip(rows, max_new, strict=True), key=lambda rm: -(len(rm[0][0]) + rm[1]))[:1]:
+            self._check_fits(len(ids_), m)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(rows), longest), pad, dtype=torch.long)
         attn = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -427,7 +511,7 @@ class SteeredLLM:
         if len(max_new) != n or len(row_stops) != n or (stop_when is not None and len(stop_when) != n):
             raise InputError(f"per-row settings must give one entry for each of the {n} prompts")
         seed = _seed(seed)
-        ids, attn, user = self._encode(prompts, template, max(max_new))
+        ids, attn, user = self._encode(prompts, template, max_new)
         run = RunState(policies, user, attn, shadows=shadows)
         cancel = _CANCEL.get()
         whens = [_either(cancel, stop_when[row] if stop_when is not None else None) for row in range(n)]
@@ -514,8 +598,13 @@ class SteeredLLM:
     def _one(self, prompt: Any, *, policy: Any, steer: bool, max_new_tokens: int, temperature: float | None,
              stop: Sequence[str] | None, template: bool, seed: int | None, extra: dict[str, Any], shadow: Any = None) -> GenerationResult:
         compiled = self._resolve(policy, steer)
+        shadows = self._shadows(compiled, shadow)
+        out = self._batched(prompt, compiled, shadows, max_new_tokens=max_new_tokens, temperature=temperature, stop=stop,
+                            template=template, seed=seed, extra=extra, stream=False)
+        if out is not _UNSET:
+            return out
         return self._run([prompt], [compiled], max_new_tokens=max_new_tokens, temperature=temperature, stop=stop, template=template,
-                         seed=seed, extra=extra, shadows=[self._shadows(compiled, shadow)])[0]
+                         seed=seed, extra=extra, shadows=[shadows])[0]
 
     def _shadows(self, compiled: CompiledPolicy | None, shadow: Any) -> list[CompiledPolicy]:
         """The shadow policies of one row, compiled to decide only: ``shadow=`` when given, else the policy's own
@@ -646,7 +735,14 @@ class SteeredLLM:
                temperature: float | None = None, stop: Sequence[str] | None = None, template: bool = True,
                seed: int | None = None, shadow: Sequence[PolicyLike] | None = None, **generation_kwargs: Any) -> TextStream:
         """Stream a reply as text pieces; the returned ``TextStream`` holds ``.result`` once exhausted.
-        Closing it early (or leaving the ``with`` block) stops generation and removes the hooks."""
+        Closing it early (or leaving the ``with`` block) stops generation and removes the hooks.
+        With batching on, this waits until the row's batch starts."""
+        if self._batcher is not None:
+            compiled = self._resolve(policy, steer)
+            out = self._batched(prompt, compiled, self._shadows(compiled, shadow), max_new_tokens=max_new_tokens, temperature=temperature,
+                                stop=stop, template=template, seed=seed, extra=generation_kwargs, stream=True)
+            if out is not _UNSET:
+                return out
         return self.stream_batch([prompt], max_new_tokens=max_new_tokens, steer=steer, policy=policy, temperature=temperature, stop=stop,
                                  template=template, seed=seed, shadow=shadow, **generation_kwargs)[0]
 
@@ -655,7 +751,7 @@ class SteeredLLM:
                      temperature: float | None = None, stop: Sequence[str] | None = None, stops: Sequence[Sequence[str] | None] | None = None,
                      template: bool = True, seed: int | None = None, shadow: Sequence[PolicyLike] | None = None,
                      stop_when: Sequence[Callable[[], bool] | None] | None = None, _parents: Sequence[Any] | None = None,
-                     **generation_kwargs: Any) -> list[TextStream]:
+                     _shadows: Sequence[Sequence[CompiledPolicy] | None] | None = None, **generation_kwargs: Any) -> list[TextStream]:
         """Stream many replies from one padded generate call: one ``TextStream`` per prompt, each ending at its own
         end of turn, stop string or ``max_new_tokens``. Greedy rows equal their single-request text.
 
@@ -677,7 +773,8 @@ class SteeredLLM:
         _seed(seed)
         for p in prompts:
             self._encode_one(p, template)
-        shadows = [self._shadows(c, shadow) for c in compiled]
+        shadows = [list(_shadows[i]) if _shadows is not None and _shadows[i] is not None else self._shadows(c, shadow)
+                   for i, c in enumerate(compiled)]
         batch = _Batch(n)
         parents = list(_parents) if _parents is not None else [telemetry.current_context()] * n  # spans parent to the caller's
         whens = [_either(batch.stopped[row], stop_when[row] if stop_when is not None else None) for row in range(n)]
@@ -702,7 +799,8 @@ class SteeredLLM:
     async def astream(self, prompt: PromptLike, **kwargs: Any) -> AsyncIterator[str]:
         """Async text pieces. ``async for piece in llm.astream(...)``; leaving the loop early, or cancelling the task,
         stops the generation."""
-        s = self.stream(prompt, **kwargs)
+        # with batching on, stream() waits for its batch to start: not on the event loop
+        s = await asyncio.to_thread(self.stream, prompt, **kwargs) if self._batcher is not None else self.stream(prompt, **kwargs)
         try:
             while True:
                 piece = await asyncio.to_thread(s._next_or_none)

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import telemetry
 from ..errors import InputError, PolicyError, SafeguardError
-from .batcher import MicroBatcher, Settings
+from ..runtime.batching import BatchingConfig, MicroBatcher, Settings
 from .metrics import Metrics
 from .protocol import (
     ApiError,
@@ -135,6 +135,7 @@ class _Server:
         self.llm: Any = None
         self.table: PolicyTable | None = None
         self.batcher: MicroBatcher | None = None
+        self._owns_batching = False
         self.inflight = 0
         self._started = threading.Lock()
 
@@ -146,14 +147,25 @@ class _Server:
             self.llm = llm() if callable(llm) and not hasattr(llm, "batch") else llm
             self.table = PolicyTable.build(self.llm, self._specs, self._default)
             c = self.config
-            self.batcher = MicroBatcher(self.llm, window_s=c.batch_window_s if c.batching else 0.0,
-                                        max_batch=c.max_batch if c.batching else 1, on_batch=self.metrics.batch_rows.observe)
+            # the engine's batcher: the server's requests and in-process calls on the same model share batches
+            if getattr(self.llm, "batcher", None) is None:
+                self.llm.enable_batching(BatchingConfig(window_ms=c.batch_window_s * 1000 if c.batching else 0.0,
+                                                        max_batch=c.max_batch if c.batching else 1))
+                self._owns_batching = True
+            else:
+                log.info("the model already batches (%s); its settings win over the server's", self.llm.batching)
+            self.batcher = self.llm.batcher
+            self.batcher.on_batch = self.metrics.batch_rows.observe
             log.info("serving %s with policies %s (default %s)", getattr(self.llm, "model_name", "?"), sorted(self.table.policies),
                      self.table.default)
 
     def stop(self) -> None:
         if self.batcher is not None:
-            self.batcher.close()
+            if self._owns_batching:
+                self.llm.disable_batching()  # finishes the queued requests
+                self._owns_batching = False
+            else:
+                self.batcher.on_batch = None
 
     # ---------------------------------------------------------------------------------------- helpers
     def check_key(self, request: Request) -> None:

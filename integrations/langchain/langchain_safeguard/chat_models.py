@@ -9,39 +9,38 @@ One call, from LangChain to the forward pass and back::
         ─► AIMessage(response_metadata["safeguard"] = the steering report)
            + a ``safeguard_report`` custom callback event on the chat model's run
 
-``batch`` / ``abatch`` send all inputs through one padded ``SteeredLLM.batch`` call (rows may carry
-different policies) instead of LangChain's default of one ``invoke`` per thread.
+No batch machinery of its own: LangChain's default ``batch`` (one ``invoke`` per thread) and ``abatch`` (one
+``ainvoke`` per task) reach the engine at once, and the engine's batching (``SteeredLLM.enable_batching``, turned on
+here unless ``batching=False``) runs concurrent requests as shared padded generate calls, each row under its own
+policy, from any thread or task, batched or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from langchain_core.caches import BaseCache
 from langchain_core.callbacks import (
     AsyncCallbackManager,
     AsyncCallbackManagerForLLMRun,
     CallbackManager,
     CallbackManagerForLLMRun,
 )
-from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
-from langchain_core.runnables import RunnableConfig
-from langchain_core.runnables.config import ensure_config, get_config_list
-from langchain_core.utils.utils import LC_ID_PREFIX
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
-from safeguard import GenerationResult, InputError, Policy, SteeredLLM
+from safeguard import BatchingConfig, GenerationResult, InputError, Policy, SteeredLLM
 from safeguard.runtime.models import EMBEDDED_MODEL_NAME
 
 from ._convert import REPORT_EVENT, REPORT_KEY, response_metadata, to_chat_messages, usage
@@ -58,6 +57,7 @@ _IGNORED_KWARGS = frozenset({"stream"})  # LangChain's own switch between invoke
 # (model, run id, config) of the invoke/ainvoke in progress on this thread or task: lets a `_stream` that
 # LangChain calls without a run manager (invoke with streaming=True) still attach the report event to its run.
 _current_run: ContextVar[tuple[int, uuid.UUID, RunnableConfig] | None] = ContextVar("safeguard_current_run", default=None)
+_batching_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -78,26 +78,6 @@ class _Call:
         if self.timeout:
             kw["max_time"] = float(self.timeout)
         return kw
-
-    def group(self) -> tuple[Any, ...]:
-        """Requests with equal groups can share one padded generate call (policies may differ)."""
-        return (self.steer, self.max_new_tokens, self.temperature, self.stop, self.seed, self.timeout)
-
-
-@dataclass
-class _Row:
-    """One input of a batch on its way through: its run, its call, and what came out."""
-
-    index: int
-    config: RunnableConfig
-    kwargs: dict[str, Any]
-    messages: list[BaseMessage] | None = None
-    chat: list[dict[str, str]] | None = None
-    call: _Call | None = None
-    run: Any = None
-    result: GenerationResult | None = None
-    error: BaseException | None = None
-    message: AIMessage | None = field(default=None, repr=False)
 
 
 class ChatSafeguard(BaseChatModel):
@@ -157,7 +137,8 @@ class ChatSafeguard(BaseChatModel):
 
             llm.batch(["q1", "q2", "q3"], config=[{"configurable": {"policy": p}} for p in (eu, us, eu)])
 
-        One padded generate call serves the whole batch, each row under its own policy.
+        LangChain's ``batch`` runs one ``invoke`` per thread; the engine's batching serves those concurrent requests
+        (and any others on the same model) with shared padded generate calls, each row under its own policy.
 
     Async:
         .. code-block:: python
@@ -210,8 +191,13 @@ class ChatSafeguard(BaseChatModel):
     """Accepted for compatibility with code written for hosted chat models; unused (the model is local)."""
     streaming: bool = False
     """``True`` makes ``invoke`` generate through ``_stream``, so callback handlers receive each token."""
+    batching: bool = True
+    """Let concurrent requests on the model share padded generate calls: turns the engine's batching on for the
+    ``SteeredLLM`` (``batch_window_ms``, ``batch_size``) unless it is already on (then its settings stay)."""
     batch_size: int = Field(default=8, ge=1)
-    """Rows per padded generate call in ``batch`` / ``abatch``."""
+    """Most rows per shared generate call, when this instance turns the engine's batching on."""
+    batch_window_ms: float = Field(default=5.0, ge=0)
+    """How long a request waits for companions when the model is idle, when this instance turns batching on."""
     llm: SteeredLLM | None = Field(default=None, exclude=True, repr=False)
     """A ready ``SteeredLLM`` to use instead of loading one (then leave ``model``, ``sae``,
     ``quantization`` and ``device`` unset). Not serialized."""
@@ -275,11 +261,16 @@ class ChatSafeguard(BaseChatModel):
     @property
     def steered_llm(self) -> SteeredLLM:
         """The ``SteeredLLM`` behind this chat model (loads it, once per process, on first use)."""
-        if self.llm is not None:
-            return self.llm
-        if self._loaded is None:
-            self._loaded = shared_llm(self.model, self.sae, self.quantization, self.device)
-        return self._loaded
+        llm = self.llm
+        if llm is None:
+            if self._loaded is None:
+                self._loaded = shared_llm(self.model, self.sae, self.quantization, self.device)
+            llm = self._loaded
+        if self.batching and llm.batching is None:
+            with _batching_lock:
+                if llm.batching is None:
+                    llm.enable_batching(BatchingConfig(window_ms=self.batch_window_ms, max_batch=self.batch_size))
+        return llm
 
     # ---------------------------------------------------------------------------------- requests
     def _call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> _Call:
@@ -358,12 +349,8 @@ class ChatSafeguard(BaseChatModel):
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         call = self._call(stop, kwargs)
         chat = to_chat_messages(messages)
-
-        def work() -> AIMessage:
-            llm = self.steered_llm
-            return self._message(llm.chat(chat, **call.llm_kwargs()), llm)
-
-        message = await asyncio.to_thread(work)
+        llm = await asyncio.to_thread(lambda: self.steered_llm)  # may load the model
+        message = self._message(await llm.achat(chat, **call.llm_kwargs()), llm)  # cancelling the task stops its row
         await self._aemit(run_manager, message.response_metadata[REPORT_KEY])
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -461,155 +448,3 @@ class ChatSafeguard(BaseChatModel):
                                      stop: list[str] | None = None, **kwargs: Any) -> Any:
         config, kwargs = self._prepare(config, kwargs)
         return await super()._achat_model_stream_v3(input, config, stop=stop, **kwargs)
-
-    # -------------------------------------------------------------------------------- batching
-    def _batchable(self, kwargs: dict[str, Any]) -> bool:
-        """Batch in one padded call unless something needs LangChain's per-invoke path: a cache, a rate
-        limiter, or streaming each reply to callbacks."""
-        cache = self.cache if isinstance(self.cache, BaseCache) else (get_llm_cache() if self.cache is not False else None)
-        return cache is None and self.rate_limiter is None and not self.streaming
-
-    def _rows(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None,
-              kwargs: dict[str, Any]) -> list[_Row]:
-        rows = []
-        for i, conf in enumerate(get_config_list(config, len(inputs))):
-            conf, kw = self._prepare(conf, dict(kwargs))
-            row = _Row(i, conf, kw)
-            try:
-                row.messages = self._convert_input(inputs[i]).to_messages()
-            except Exception as exc:
-                row.error = exc
-            rows.append(row)
-        return rows
-
-    def _start_args(self, row: _Row, stop: list[str] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        params = self._get_invocation_params(stop=stop, **row.kwargs)
-        metadata = {**(row.config.get("metadata") or {}), **self._get_ls_params_with_defaults(stop=stop, **row.kwargs)}
-        manager_args = (row.config.get("callbacks"), self.callbacks, self.verbose, row.config.get("tags"), self.tags, metadata, self.metadata)
-        start = dict(invocation_params=params, options={"stop": stop}, name=row.config.get("run_name"),
-                     run_id=row.config.pop("run_id", None), batch_size=1)
-        return manager_args, start
-
-    def _check(self, row: _Row, stop: list[str] | None, llm: SteeredLLM) -> None:
-        """Everything that can fail for one row alone, checked before the shared generate call."""
-        try:
-            row.call = self._call(stop, row.kwargs)
-            row.chat = to_chat_messages(row.messages or [])
-            if row.call.steer and row.call.policy is not None:
-                compiled = llm.compile_policy(row.call.policy)  # a bad policy fails its row, not the batch
-                row.call = replace(row.call, policy=compiled.policy)
-        except Exception as exc:
-            row.error = exc
-
-    def _generate_rows(self, rows: list[_Row], stop: list[str] | None) -> None:
-        """Generate every row that has no error yet, in padded batches grouped by generation settings."""
-        live = [r for r in rows if r.error is None]
-        if not live:
-            return
-        try:
-            llm = self.steered_llm
-        except Exception as exc:
-            for r in live:
-                r.error = exc
-            return
-        for r in live:
-            self._check(r, stop, llm)
-        groups: dict[tuple[Any, ...], list[_Row]] = {}
-        for r in live:
-            if r.error is None and r.call is not None:
-                groups.setdefault(r.call.group(), []).append(r)
-        for group in groups.values():
-            self._generate_group(llm, group)
-        for r in live:
-            if r.result is not None:
-                r.message = self._message(r.result, llm)
-
-    def _generate_group(self, llm: SteeredLLM, group: list[_Row]) -> None:
-        call = group[0].call
-        assert call is not None
-        kw = call.llm_kwargs()
-        kw.pop("policy")
-        try:
-            results = llm.batch([r.chat for r in group], policies=[r.call.policy for r in group if r.call is not None],
-                                batch_size=self.batch_size, **kw)
-        except Exception as exc:
-            if len(group) == 1:
-                group[0].error = exc
-                return
-            # One row can fail a shared call (say, a prompt too long for the context window): retry each
-            # row alone so the others still get their replies.
-            log.warning("batched generate failed (%s: %s); retrying its %d rows one by one", type(exc).__name__, exc, len(group))
-            for r in group:
-                self._generate_group(llm, [r])
-            return
-        for r, res in zip(group, results, strict=True):
-            r.result = res
-
-    def _finish_message(self, row: _Row) -> AIMessage:
-        msg = row.message
-        assert msg is not None
-        msg.id = f"{LC_ID_PREFIX}-{row.run.run_id}"
-        if self.output_version == "v1":
-            msg = msg.model_copy(update={"content": msg.content_blocks, "response_metadata": {**msg.response_metadata, "output_version": "v1"}})
-        return msg
-
-    def _outputs(self, rows: list[_Row], return_exceptions: bool) -> list[Any]:
-        if not return_exceptions:
-            for r in rows:
-                if r.error is not None:
-                    raise r.error
-        return [r.error if r.error is not None else r.message for r in rows]
-
-    def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-              return_exceptions: bool = False, **kwargs: Any) -> list[AIMessage]:
-        """Reply to all inputs in padded batches of ``batch_size`` (one generate call for up to that many
-        rows), each row under its own policy from its ``config["configurable"]["policy"]`` or ``policy=``.
-
-        A row whose input, arguments or policy is invalid fails alone (returned with
-        ``return_exceptions=True``, else raised after the others finish)."""
-        if not inputs:
-            return []
-        if not self._batchable(kwargs):
-            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        stop = kwargs.pop("stop", None)
-        rows = self._rows(inputs, config, kwargs)
-        for r in rows:
-            if r.error is None:
-                manager_args, start = self._start_args(r, stop)
-                (r.run,) = CallbackManager.configure(*manager_args).on_chat_model_start(self._serialized, [r.messages], **start)
-        self._generate_rows(rows, stop)
-        for r in rows:
-            if r.run is None:
-                continue
-            if r.error is not None:
-                r.run.on_llm_error(r.error, response=LLMResult(generations=[]))
-                continue
-            r.message = self._finish_message(r)
-            self._emit(r.run, r.message.response_metadata[REPORT_KEY])
-            r.run.on_llm_end(LLMResult(generations=[[ChatGeneration(message=r.message)]]))
-        return self._outputs(rows, return_exceptions)
-
-    async def abatch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-                     return_exceptions: bool = False, **kwargs: Any) -> list[AIMessage]:
-        """Async ``batch``: the padded generate call runs in a worker thread."""
-        if not inputs:
-            return []
-        if not self._batchable(kwargs):
-            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
-        stop = kwargs.pop("stop", None)
-        rows = self._rows(inputs, config, kwargs)
-        for r in rows:
-            if r.error is None:
-                manager_args, start = self._start_args(r, stop)
-                (r.run,) = await AsyncCallbackManager.configure(*manager_args).on_chat_model_start(self._serialized, [r.messages], **start)
-        await asyncio.to_thread(self._generate_rows, rows, stop)
-        for r in rows:
-            if r.run is None:
-                continue
-            if r.error is not None:
-                await r.run.on_llm_error(r.error, response=LLMResult(generations=[]))
-                continue
-            r.message = self._finish_message(r)
-            await self._aemit(r.run, r.message.response_metadata[REPORT_KEY])
-            await r.run.on_llm_end(LLMResult(generations=[[ChatGeneration(message=r.message)]]))
-        return self._outputs(rows, return_exceptions)
