@@ -149,3 +149,16 @@ def cached(path: str | os.PathLike[str], make: Callable[[], Any]) -> Any:
     except OSError as exc:
         log.warning("could not write the cache file %s (%s); continuing without it", path, exc)
     return value
+
+
+def read_json_cache(path: str | os.PathLike[str]) -> Any:
+    """A JSON cache file's content, or ``None`` when it is missing or unreadable (logged: it will be regenerated).
+    JSON, never a pickle: reading it cannot run code."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the unreadable cache %s (%s); regenerating it", p, exc)
+        return None

@@ -448,22 +448,18 @@ def _replies(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens: int, 
     from tqdm.auto import tqdm
 
     from ..runtime.models import cache_root
+    from ._cache import read_json_cache
 
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "eval"
     which = [] if policy is None else [identity or policy.content_hash]
     key = _sha(llm.model_name, *which, prompts, max_new_tokens, batch_size, torch.__version__)[:20]
     cache = folder / f"{'unsteered' if policy is None else 'steered'}-{key}.json"
-    if cache.is_file():
-        try:  # JSON, never a pickle; an unreadable or malformed file is regenerated
-            data = json.loads(cache.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring the unreadable reply cache %s (%s); regenerating it", cache, exc)
-            data = None
-        if isinstance(data, dict):
-            replies, fired = data.get("replies"), data.get("fired", [[]] * len(prompts))
-            if (isinstance(replies, list) and isinstance(fired, list) and len(replies) == len(prompts) == len(fired)
-                    and all(isinstance(r, str) for r in replies) and all(isinstance(f, list) for f in fired)):
-                return [(r, tuple(f)) for r, f in zip(replies, fired, strict=True)]
+    data = read_json_cache(cache)
+    if isinstance(data, dict):
+        replies, fired = data.get("replies"), data.get("fired", [[]] * len(prompts))
+        if (isinstance(replies, list) and isinstance(fired, list) and len(replies) == len(prompts) == len(fired)
+                and all(isinstance(r, str) for r in replies) and all(isinstance(f, list) for f in fired)):
+            return [(r, tuple(f)) for r, f in zip(replies, fired, strict=True)]
     out: list[tuple[str, tuple[str, ...]]] = []
     for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
         results = llm.batch(prompts[lo:lo + batch_size], steer=policy is not None, policy=policy, max_new_tokens=max_new_tokens, batch_size=batch_size)

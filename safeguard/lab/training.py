@@ -153,17 +153,14 @@ def generate_replies(
     ``{prompt: reply}`` for this model and ``max_new_tokens``; only prompts missing from it are generated."""
     from tqdm.auto import tqdm
 
+    from ._cache import read_json_cache
+
     known: dict[str, str] = {}
-    if cache is not None and cache.is_file():
-        try:  # JSON, never a pickle; an unreadable or malformed file is regenerated
-            data = json.loads(cache.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring the unreadable reply cache %s (%s); regenerating it", cache, exc)
-            data = None
-        if isinstance(data, dict):
-            known = {k: v for k, v in data.items() if isinstance(v, str)}
-        elif data is not None:
-            log.warning("ignoring the reply cache %s: not a JSON object of prompt to reply; regenerating it", cache)
+    data = read_json_cache(cache) if cache is not None else None
+    if isinstance(data, dict):
+        known = {k: v for k, v in data.items() if isinstance(v, str)}
+    elif data is not None:
+        log.warning("ignoring the reply cache %s: not a JSON object of prompt to reply; regenerating it", cache)
     missing = sorted({p for p in prompts if p not in known}, key=len)  # similar lengths pad less
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
