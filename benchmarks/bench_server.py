@@ -124,8 +124,11 @@ def main() -> None:
 
     llm = SteeredLLM.from_pretrained(pack=args.pack)
     policies = {"eu": "eu", "us": "us"}  # shipped policy names
+    # two SteeredLLMs over the same loaded weights, so each server owns its engine's batching setting (a model that
+    # already batches keeps its own settings); the levels run one mode at a time, never both at once
+    other = SteeredLLM(llm._loaded, llm.saes, None, pack=llm.pack)
     on = create_app(llm, policies, config=ServerConfig(batch_window_s=args.window_ms / 1000, max_batch=8))
-    off = create_app(llm, policies, config=ServerConfig(batching=False))
+    off = create_app(other, policies, config=ServerConfig(batching=False))
     llm.generate("warm up", max_new_tokens=4)
     print(f"model {llm.model_name}, policies eu/us alternating, max_tokens {args.tokens}, greedy, {args.threads} torch thread(s), "
           f"window {args.window_ms} ms, max batch 8; clients, servers and model share this process")
