@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ._options import exit_on_error
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Read, compare and check policies (no model is loaded).")
 
 PolicyArg = Annotated[str, typer.Argument(help="A shipped policy's name (default, eu, us) or a policy file.")]
@@ -35,11 +37,6 @@ def _resolved(policy: str, pack: str | None) -> Any:
     from .runtime.policy import Policy
 
     return resolve(Policy.load(policy), _pack(pack))
-
-
-def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
 
 
 def _pct(x: float | None) -> str:
@@ -71,11 +68,10 @@ def _header(r: Any) -> list[str]:
 @app.command("list")
 def list_() -> None:
     """The policies and detector packs that ship with safeguard."""
-    from .errors import SafeguardError
     from .runtime.pack import bundled_packs
     from .runtime.policy import Policy, shipped_policies
 
-    try:
+    with exit_on_error():
         typer.echo("policies (use them by name: use_policy('eu'), --policy eu):")
         for name in shipped_policies():
             p = Policy.load(name)
@@ -84,20 +80,15 @@ def list_() -> None:
         typer.echo("detector packs:")
         for k in bundled_packs():
             typer.echo(f"  {k.id:<24} {k.model} / {k.sae}, {len(k.categories)} categories, " + ("measured" if k.measured else "NOT MEASURED"))
-    except SafeguardError as exc:
-        _fail(exc)
 
 
 @app.command()
 def show(policy: PolicyArg, pack: PackOpt = None, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """The policy as it runs (its extends chain merged) against a pack: per category its response, sensitivity,
     threshold, and the false-positive rate and recall the pack measured at that threshold."""
-    from .errors import SafeguardError
 
-    try:
+    with exit_on_error():
         r = _resolved(policy, pack)
-    except SafeguardError as exc:
-        _fail(exc)
     if as_json:
         typer.echo(json.dumps({"policy": r.policy.name, "version": r.policy.version, "hash": r.hash, "mode": r.policy.mode,
                                "pack": r.pack.id if r.pack else None, "categories": _rows(r)}, indent=1))
@@ -117,12 +108,9 @@ def show(policy: PolicyArg, pack: PackOpt = None, as_json: Annotated[bool, typer
 @app.command()
 def diff(a: PolicyArg, b: PolicyArg, pack: PackOpt = None) -> None:
     """What changes between two deployments' policies, in words and numbers (exit 0 either way)."""
-    from .errors import SafeguardError
 
-    try:
+    with exit_on_error():
         ra, rb = _resolved(a, pack), _resolved(b, pack)
-    except SafeguardError as exc:
-        _fail(exc)
     pa, pb = ra.policy, rb.policy
     typer.echo(f"{pa.name} {pa.version} ({ra.hash[:12]})  ->  {pb.name} {pb.version} ({rb.hash[:12]})" + (f"  on pack {ra.pack.id}" if ra.pack else ""))
     lines = []

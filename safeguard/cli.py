@@ -165,20 +165,17 @@ def classify(
     import json
 
     _threads(threads)
-    from . import SafeguardError, SteeredLLM
+    from . import SteeredLLM
     from .lab.datasets import load_file
 
     if bool(text) == (file is not None):
         typer.echo("give texts as arguments or --file, not both or neither", err=True)
         raise typer.Exit(2)
-    try:
+    with opt.exit_on_error():
         texts = list(text) if text else [p.text for p in load_file(file, category="unlabelled")]  # labels, if any, are not needed
         kwargs = {} if policy is None else {"policy": policy}
         llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), quantization=quantization, device=device, **kwargs)
         reports = llm.classify(texts)
-    except SafeguardError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     for t, rep in zip(texts, reports, strict=True):
         if as_json:
             typer.echo(json.dumps({"text": t, "fired": list(rep.fired), "action": rep.action,

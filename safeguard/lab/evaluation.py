@@ -38,7 +38,7 @@ import typer
 
 from .. import _options as opt
 from .._hashing import stable_hash as _sha
-from ..errors import EvaluationError, SafeguardError
+from ..errors import EvaluationError
 from .refusal import PhraseJudge, RefusalJudge
 
 __all__ = [
@@ -924,7 +924,7 @@ def eval_command(
     from ..runtime.llm import SteeredLLM
     from ..runtime.policy import Policy
 
-    try:
+    with opt.exit_on_error():
         pol = Policy.load(policy)
         command = "safeguard eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else ""
         if not command:
@@ -937,9 +937,6 @@ def eval_command(
         llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, pack=pack, quantization=quantization, device=device)
         result = evaluate(llm, policy, sets, max_new_tokens=max_new_tokens, batch_size=batch_size, command=command, criteria=criteria,
                           compare_parent=compare_parent)
-    except SafeguardError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     folder = out or Path("docs") / "eval" / pol.name
     paths = write_report(result, folder)
     s = result.summary()

@@ -12,7 +12,7 @@ import torch
 import typer
 
 from ... import _options as opt
-from ...errors import SafeguardError, SelectionError
+from ...errors import SelectionError
 from .method import select
 from .tables import render_table
 
@@ -82,7 +82,7 @@ def select_command(
     from ...runtime.llm import SteeredLLM
 
     command = "safeguard select " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "select" else ""
-    try:
+    with opt.exit_on_error():
         sweep = _floats(strengths)  # before the model loads: a typo fails at once
         llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, quantization=quantization, device=device)
         res = select(llm, out=out, categories=category or None, pack_id=pack_id, description=description, detect_layer=detect_layer,
@@ -92,9 +92,6 @@ def select_command(
                      max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,
                      n_wrapped_harmful=n_wrapped_harmful, n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign,
                      tables=tables, seed=seed, command=command)
-    except SafeguardError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     c = res.chosen
     typer.echo(f"pack: {res.files['pack']} ({res.pack!r}); vectors {res.files['vectors'].name}, provenance {res.files['provenance'].name}")
     typer.echo(f"chosen strength {c.strength:g}: validation harmful refused {c.harmful_refusal:.0%} (unsteered {res.baseline['harmful_refusal']:.0%}), "
