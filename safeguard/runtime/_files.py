@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import PolicyError
 
-__all__ = ["contained_path", "read_yaml"]
+__all__ = ["contained_path", "read_yaml", "stat_key"]
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -72,3 +72,13 @@ def contained_path(base: str | Path, relative: str, *, where: str, error: type[E
     if not full.is_relative_to(root):
         raise error(f"{where}: {relative!r} points outside the file's folder {root}")
     return full
+
+
+def stat_key(path: str | Path) -> tuple[str, int, int] | None:
+    """(resolved path, mtime in ns, size): the key file caches use, so an edited file is read again; None if missing."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return (str(p.resolve()), st.st_mtime_ns, st.st_size)

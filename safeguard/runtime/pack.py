@@ -46,7 +46,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import PolicyError
-from ._files import contained_path, read_yaml
+from ._files import contained_path, read_yaml, stat_key
 from .names import same_model
 from .policy import SLUG, AddAction, ClampAction, Detect, Strict, Taxonomy, check_slugs, describe_validation
 
@@ -180,11 +180,7 @@ class Pack(Strict):
         p = Path(pack).expanduser()
         if p.is_dir() and (p / "pack.yaml").is_file():
             p = p / "pack.yaml"
-        try:
-            st = p.stat()
-            key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
-        except OSError:
-            key = None
+        key = stat_key(p)
         with _lock:
             if key is not None and key in _cache:
                 return _cache[key]

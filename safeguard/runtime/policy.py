@@ -48,7 +48,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import PolicyError
-from ._files import contained_path, read_yaml
+from ._files import contained_path, read_yaml, stat_key
 
 __all__ = [
     "AddAction",
@@ -249,17 +249,17 @@ class Policy(Strict):
     def from_file(cls, path: str | Path) -> Policy:
         """Read, merge (``extends``) and validate a policy file; a ``PolicyError`` names the file and the field."""
         p = Path(path).expanduser()
-        key = _stat_key(p)
+        key = stat_key(p)
         with _lock:
             hit = _cache.get(key) if key else None
-            if hit is not None and all(_stat_key(Path(f)) == k for f, k in hit[1]):
+            if hit is not None and all(stat_key(Path(f)) == k for f, k in hit[1]):
                 return hit[0]
         merged, chain = _merged(p, depth=0, seen=())
         source = str(p) if len(chain) == 1 else f"{p} (merged with {', '.join(f for f, _ in chain[1:])})"
         out = cls.from_dict(merged, source=source, base_dir=str(p.resolve().parent), chain=tuple(chain))
         if key:
             with _lock:
-                _cache[key] = (out, [(f, _stat_key(Path(f))) for f, _ in chain])
+                _cache[key] = (out, [(f, stat_key(Path(f))) for f, _ in chain])
         return out
 
     @classmethod
@@ -352,14 +352,6 @@ def check_slugs(categories: dict[str, Any]) -> dict[str, Any]:
 _cache: dict[tuple[str, int, int], tuple[Policy, list[tuple[str, Any]]]] = {}
 _lock = threading.Lock()
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
-
-
-def _stat_key(p: Path) -> tuple[str, int, int] | None:
-    try:
-        st = p.stat()
-    except OSError:
-        return None
-    return (str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
 def is_shipped_name(text: Any) -> bool:
