@@ -698,11 +698,12 @@ class SteeredLLM:
         if pol is None:
             raise PolicyError("classify needs a policy: pass policy= or activate one with use_policy()")
         monitor = self.compile_policy(pol.policy, monitor=True)
+        shadows = self._shadows(pol, shadow)  # resolved once, not per chunk
         for t in texts:  # validate every row before running any
             self._encode_one(t, True)
         out: list[SteeringReport] = []
         for lo in range(0, len(texts), batch_size):
-            out += self._classify_chunk(list(texts[lo:lo + batch_size]), monitor, self._shadows(pol, shadow))
+            out += self._classify_chunk(list(texts[lo:lo + batch_size]), monitor, shadows)
         return out
 
     def _classify_chunk(self, texts: list[Any], policy: CompiledPolicy, shadows: list[CompiledPolicy]) -> list[SteeringReport]:
