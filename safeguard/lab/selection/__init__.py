@@ -12,6 +12,8 @@ The data's way through ``safeguard select``::
                  ─► a 2nd pass pools only the candidates ─► a sparse logistic probe per category ─► weights, thresholds
                                       └► refusal candidates: distinct decoder rows, ranked with the dense refusal direction
                                          ─► causal check: steering each alone on a few train prompts, do refusals move?
+    the candidates ranked again without each source family ──► leave-one-source-out: each detector configuration
+        fitted without one family, measured on it; the configuration with the best *worst* family is kept (generalize.py)
     out-of-fold scores ──► per category: standard threshold (margin chosen on the validation part), relaxed, strict, a curve
     validation part ──► each operating point's false-positive rate and recall (detection only)
                     ──► strength sweep through the real steering engine at standard thresholds ─► chosen strength, PNG curve
@@ -44,15 +46,22 @@ from __future__ import annotations
 from .activations import PromptStats, ReplyStats, collect_prompt_stats, collect_reply_stats
 from .calibration import CURVE_TARGETS, LEVEL_TARGETS, OperatingPoints, operating_points, pack_levels
 from .cli import features_command, select_command
-from .data import HARMLESS_GROUPS, WRAPPED, SelectionData, selection_data
+from .data import HARMLESS_GROUPS, WRAPPED, Chat, SelectionData, selection_data
 from .detection import Detector, DetectorFit, choose_threshold, detection_scores, fit_detector, fit_probe, greedy_margins, pooled_features
-from .method import Selection, select
+from .generalize import DetectConfig, FoldResult, Generalization, leave_one_source_out
+from .method import DETECT_CONFIGS, Selection, select
 from .stats import GroupSummary, RunningStats, contrast_scores, distinct_features
 from .sweep import SweepPoint, causal_check, is_degenerate, pick_strength, plot_sweep, strength_sweep
 from .tables import FeatureRow, render_table, write_table
 
 __all__ = [
     "CURVE_TARGETS",
+    "DETECT_CONFIGS",
+    "Chat",
+    "DetectConfig",
+    "FoldResult",
+    "Generalization",
+    "leave_one_source_out",
     "HARMLESS_GROUPS",
     "LEVEL_TARGETS",
     "WRAPPED",

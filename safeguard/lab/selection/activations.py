@@ -48,6 +48,17 @@ def _capture(model: Any, rows: Sequence[Sequence[int]], layers: Sequence[int], p
 
 
 
+def encode_prompt(llm: Any, prompt: Any) -> tuple[list[int], list[bool]]:
+    """Token ids of a chat-formatted prompt and the mask of the tokens detection reads, exactly as the engine
+    builds them: a text is one user turn; a ``Chat`` is read at its last user turn, in context."""
+    from .data import Chat
+
+    if isinstance(prompt, Chat):
+        return llm._encode_one([dict(m) for m in prompt.messages], True, turns="last")
+    return llm._encode_one(prompt, True)
+
+
+
 def _token_batches(items: Sequence[Any], batch_size: int, max_tokens: int) -> list[Any]:
     """Consecutive batches of ``items`` (sorted by length; ``item[1][0]`` are the token ids) of at most
     ``batch_size`` items and about ``max_tokens`` padded tokens (one long item still gets a batch of its own)."""
@@ -135,8 +146,8 @@ def collect_prompt_stats(llm: Any, groups: Mapping[str, Sequence[str]], *, detec
         raise SelectionError(f"groups {clash} are given twice (groups and detect_only)")
     detect = RunningStats(sae.d_sae, names + list(detect_only))
     resid = RunningStats(llm.hidden_size, names)
-    items = [(g, llm._encode_one(t, True)) for g in names for t in groups[g]]
-    items += [(g, llm._encode_one(t, True)) for g in detect_only for t in detect_only[g]]
+    items = [(g, encode_prompt(llm, t)) for g in names for t in groups[g]]
+    items += [(g, encode_prompt(llm, t)) for g in detect_only for t in detect_only[g]]
     items.sort(key=lambda it: len(it[1][0]))
     norm_sum, norm_n = 0.0, 0
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0

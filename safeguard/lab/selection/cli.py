@@ -46,8 +46,10 @@ def select_command(
     device: opt.Device = None,
     detect_layer: Annotated[int, typer.Option(help="Layer whose SAE detects categories.")] = 10,
     steer_layer: Annotated[int, typer.Option(help="Layer whose SAE features steer refusals.")] = 20,
-    n_detect_features: Annotated[int, typer.Option(help="Features per category detector (kept from the probe).")] = 12,
-    n_detect_candidates: Annotated[int, typer.Option(help="Candidate features per category the probe starts from.")] = 16,
+    n_detect_features: Annotated[int | None, typer.Option(help="Fix the features per category detector (default: chosen by leave-one-source-out "
+                                                                "validation among select.DETECT_CONFIGS).")] = None,
+    n_detect_candidates: Annotated[int | None, typer.Option(help="Fix the candidate features per category the probe starts from (default: "
+                                                                  "chosen with the above).")] = None,
     n_steer_features: Annotated[int, typer.Option(help="Distinct refusal features to steer with.")] = 3,
     strengths: Annotated[str, typer.Option(help="Strengths to sweep, x typical residual norm (comma-separated).")] = "0.5,0.75,1.0,1.25,1.5",
     strength: Annotated[float | None, typer.Option(help="Use this strength and sweep nothing else.")] = None,
@@ -62,7 +64,8 @@ def select_command(
     redirect_strength: Annotated[float, typer.Option(help="Strength of redirect vectors.")] = 1.0,
     detect_reduce: Annotated[str, typer.Option(help="Detection pooling over the user's tokens: max or mean.")] = "max",
     n_wrapped_harmful: Annotated[int, typer.Option(help="Select-part harmful prompts wrapped in train jailbreak templates (detection positives).")] = 200,
-    n_wrapped_harmless: Annotated[int, typer.Option(help="Select-part harmless prompts wrapped in train jailbreak templates (detection negatives).")] = 100,
+    n_wrapped_harmless: Annotated[int | None, typer.Option(help="Select-part harmless prompts wrapped in train jailbreak templates (detection "
+                                                                 "negatives; default: the harmful ones' rate).")] = None,
     n_val_harmful: Annotated[int, typer.Option(help="Validation harmful prompts in the sweep.")] = 32,
     n_val_benign: Annotated[int, typer.Option(help="Validation benign prompts in the sweep.")] = 32,
     tables: Annotated[Path | None, typer.Option(help="Folder for features.csv/json and the sweep plot (default: <out dir>/selection).")] = None,

