@@ -44,9 +44,11 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
 
 def threshold_at(negative: torch.Tensor, fpr: float) -> float:
     """The lowest threshold (``score >= threshold`` fires) at which at most ``fpr`` of ``negative`` fire."""
-    neg = negative.double().sort(descending=True).values
+    neg = negative.flatten().sort(descending=True).values
     k = int(fpr * len(neg) + 1e-9)  # this many may fire
-    return float(neg[k]) + 1e-9 if k < len(neg) else float(neg[-1])
+    if k >= len(neg):
+        return float(neg[-1])
+    return float(torch.nextafter(neg[k], torch.tensor(float("inf"), dtype=neg.dtype)))  # just above, in the scores' own precision
 
 
 @dataclass(frozen=True)
