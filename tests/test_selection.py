@@ -13,7 +13,6 @@ from safeguard import Policy, SelectionError
 from safeguard.lab.datasets import JailbreakTemplate, Prompt, split_templates
 from safeguard.lab.selection import (
     DetectConfig,
-    leave_one_source_out,
     Detector,
     OperatingPoints,
     RunningStats,
@@ -28,6 +27,7 @@ from safeguard.lab.selection import (
     fit_probe,
     greedy_margins,
     is_degenerate,
+    leave_one_source_out,
     operating_points,
     pack_levels,
     pick_strength,
