@@ -103,3 +103,30 @@ def policy_v2(**categories):
     """A schema-2 policy over the tiny pack's categories (each rule a dict; default: both categories, standard)."""
     return {"schema_version": 2, "name": "tiny2", "version": "1", "taxonomy": {"name": "AIR-Bench", "version": "2024"},
             "categories": categories or {"cyber": {}, "fraud": {}}}
+
+
+def first_turn_feature(llm, messages, layer: int = 1):
+    """A layer-``layer`` SAE feature of ``llm`` that is stronger on the earlier user turns of ``messages`` than on its
+    last user turn (read in context), and a threshold between the two: a detector on it with ``turns: all`` fires,
+    with ``turns: last`` it does not. Returns ``(feature, threshold)``."""
+    ids, user, last = llm.token_masks(messages)
+    user, last = torch.tensor(user), torch.tensor(last)
+    earlier = user & ~last
+    assert earlier.any() and last.any()
+    with torch.no_grad():
+        h = llm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]  # layer's output
+        acts = llm.saes[layer].sae.encode(h)  # (P, d_sae)
+    gap = acts[earlier].amax(0) - acts[last].amax(0)
+    f = int(gap.argmax())
+    assert gap[f] > 0.05, "no feature separates the turns on this tiny model"
+    return f, float((acts[earlier, f].max() + acts[last, f].max()) / 2)
+
+
+def explicit_policy(feature: int, threshold: float, *, turns: str | None = None, response: str = "monitor", name: str = "turns"):
+    """A schema-2 policy with one explicit ``cyber`` detector on one layer-1 feature (``turns`` left out: the default)."""
+    detect = {"layer": 1, "features": [feature], "threshold": threshold}
+    if turns is not None:
+        detect["turns"] = turns
+    return {"schema_version": 2, "name": name, "version": "1", "taxonomy": {"name": "AIR-Bench", "version": "2024"}, "model": "tiny-llama",
+            "sae": "tiny-sae", "categories": {"cyber": {"response": response, "detect": detect,
+                                                        "steer": [{"kind": "add", "layer": 2, "feature": 7, "strength": 4.0}]}}}

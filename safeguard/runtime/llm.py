@@ -403,7 +403,19 @@ class SteeredLLM:
             raise InputError(f"the last message must come from the user (it is {out[-1]['role']!r})")
         return out
 
-    def _encode_one(self, prompt: Any, template: bool) -> tuple[list[int], list[bool]]:
+    def _encode_one(self, prompt: Any, template: bool, turns: str = "all") -> tuple[list[int], list[bool]]:
+        """Token ids and a mask of the user's tokens: of every user message (``turns="all"``) or of the last one only
+        (``turns="last"``)."""
+        if turns not in ("all", "last"):
+            raise InputError(f"turns must be 'all' or 'last', not {turns!r}")
+        ids, user, last = self.token_masks(prompt, template)
+        return ids, (user if turns == "all" else last)
+
+    def token_masks(self, prompt: PromptLike, template: bool = True) -> tuple[list[int], list[bool], list[bool]]:
+        """``(ids, user_mask, last_turn_mask)`` of one prompt (a string or a message list) as the engine encodes it:
+        the token ids, True on every user message's tokens, and True on the last user message's tokens only (what a
+        detector with ``turns: last`` reads). A plain string is one user turn: both masks are equal. Where the chat
+        template hides the user's text, every token counts as the user's."""
         tok = self.tokenizer
         if isinstance(prompt, str):
             _check_text("the prompt", prompt)
@@ -411,26 +423,33 @@ class SteeredLLM:
             if not prompt.strip():
                 raise InputError("the prompt is empty")
             ids = tok(prompt, add_special_tokens=True)["input_ids"]
-            return ids, [True] * len(ids)
+            return ids, [True] * len(ids), [True] * len(ids)
         messages = self._messages(prompt)
         if tok.chat_template is None:
             raise InputError(f"the tokenizer of {self.model_name!r} has no chat template; pass a plain string prompt with template=False")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         spans: list[tuple[int, int]] = []
+        last: list[tuple[int, int]] = []
         cursor = 0
-        for m in messages:
+        for i, m in enumerate(messages):
             at = text.find(m["content"], cursor)
             if at < 0:
                 continue
             if m["role"] == "user":
                 spans.append((at, at + len(m["content"])))
+                if i == len(messages) - 1:  # _messages makes the last message the user's
+                    last = [spans[-1]]
             cursor = at + len(m["content"])
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         if not spans:
-            return ids, [True] * len(ids)
-        mask = [any(s < e2 and e > s2 for s2, e2 in spans) for s, e in enc["offset_mapping"]]
-        return ids, mask
+            return ids, [True] * len(ids), [True] * len(ids)
+
+        def covered(within: list[tuple[int, int]]) -> list[bool]:
+            return [any(s < e2 and e > s2 for s2, e2 in within) for s, e in enc["offset_mapping"]]
+
+        user = covered(spans)
+        return ids, user, (covered(last) if last else user)  # the last message not found: every user token
 
     def _check_fits(self, longest: int, max_new_tokens: int) -> None:
         if self.context_window and longest + max_new_tokens > self.context_window:
@@ -439,23 +458,27 @@ class SteeredLLM:
                 f"{self.context_window} tokens of {self.model_name!r}; shorten the prompt or lower max_new_tokens"
             )
 
-    def _encode(self, prompts: Sequence[Any], template: bool, max_new_tokens: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded ids, attention mask and user-token mask. Each row must fit the context window with its own
-        ``max_new_tokens`` (an int, or one per row): positions follow the attention mask, so padding costs none."""
-        rows = [self._encode_one(p, template) for p in prompts]
-        longest = max(len(ids) for ids, _ in rows)
+    def _encode(self, prompts: Sequence[Any], template: bool,
+                max_new_tokens: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ids, attention mask, user-token mask and last-user-turn mask. Each row must fit the context
+        window with its own ``max_new_tokens`` (an int, or one per row): positions follow the attention mask, so
+        padding costs none."""
+        rows = [self.token_masks(p, template) for p in prompts]
+        longest = max(len(r[0]) for r in rows)
         max_new = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * len(rows)
-        for (ids_, _), m in sorted(zip(rows, max_new, strict=True), key=lambda rm: -(len(rm[0][0]) + rm[1]))[:1]:
-            self._check_fits(len(ids_), m)
+        for r, m in sorted(zip(rows, max_new, strict=True), key=lambda rm: -(len(rm[0][0]) + rm[1]))[:1]:
+            self._check_fits(len(r[0]), m)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(rows), longest), pad, dtype=torch.long)
         attn = torch.zeros((len(rows), longest), dtype=torch.long)
         user = torch.zeros((len(rows), longest), dtype=torch.bool)
-        for i, (r, m) in enumerate(rows):  # left padding
+        last = torch.zeros((len(rows), longest), dtype=torch.bool)
+        for i, (r, m, lm) in enumerate(rows):  # left padding
             ids[i, longest - len(r):] = torch.tensor(r)
             attn[i, longest - len(r):] = 1
             user[i, longest - len(r):] = torch.tensor(m)
-        return ids, attn, user
+            last[i, longest - len(r):] = torch.tensor(lm)
+        return ids, attn, user, last
 
     # ----------------------------------------------------------------------------------------- the core
     def _gen_kwargs(self, max_new_tokens: Any, temperature: float | None, stop: Sequence[str] | None, extra: dict[str, Any]) -> dict[str, Any]:
@@ -511,8 +534,8 @@ class SteeredLLM:
         if len(max_new) != n or len(row_stops) != n or (stop_when is not None and len(stop_when) != n):
             raise InputError(f"per-row settings must give one entry for each of the {n} prompts")
         seed = _seed(seed)
-        ids, attn, user = self._encode(prompts, template, max_new)
-        run = RunState(policies, user, attn, shadows=shadows)
+        ids, attn, user, last = self._encode(prompts, template, max_new)
+        run = RunState(policies, user, attn, shadows=shadows, last_turn_mask=last)
         cancel = _CANCEL.get()
         whens = [_either(cancel, stop_when[row] if stop_when is not None else None) for row in range(n)]
         eos = self._eos_ids()
@@ -713,9 +736,9 @@ class SteeredLLM:
 
     def _classify_rows(self, texts: list[Any], policy: CompiledPolicy, shadows: list[CompiledPolicy], sp: telemetry.Span) -> list[SteeringReport]:
         t0 = time.perf_counter()
-        ids, attn, user = self._encode(texts, True, 0)
+        ids, attn, user, last = self._encode(texts, True, 0)
         sp.set_attrs({"gen_ai.usage.input_tokens": int(attn.sum()), "gen_ai.usage.output_tokens": 0})
-        run = RunState([policy] * len(texts), user, attn, shadows=[shadows] * len(texts))
+        run = RunState([policy] * len(texts), user, attn, shadows=[shadows] * len(texts), last_turn_mask=last)
         layers = set(policy.detect_layers) | run.shadow_layers()
         if layers:  # else every category is off: nothing to detect
             dev = self.device

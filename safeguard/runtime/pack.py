@@ -20,7 +20,8 @@ a pack says *how* one model does it. ``safeguard select`` writes packs; people w
     categories:
       criminal_activities:
         label: Criminal Activities
-        detect: {layer: 10, features: [3930, 1385], weights: [0.05, -0.06], combine: sum, reduce: max, order: reduce_first}
+        detect: {layer: 10, features: [3930, 1385], weights: [0.05, -0.06], combine: sum, reduce: max, order: reduce_first,
+                 turns: last}                # last: the last user message's tokens, in context; all (default): every user token
         levels:                              # the threshold of each level, with what was measured there
           relaxed:  {threshold: 5.3, fpr: 0.0, recall: 0.41}
           standard: {threshold: 4.8, fpr: 0.0, recall: 0.50}

@@ -100,6 +100,10 @@ class Detect(Strict):
     user's tokens. ``reduce_first``: each feature is reduced over the user's tokens, then the features are
     combined: the form of a linear probe on pooled activations (``safeguard select`` writes it with
     ``reduce: max``). With ``reduce: mean`` and ``combine: sum`` or ``mean`` the two orders agree."""
+    turns: Annotated[Literal["last", "all"], Field(exclude_if=lambda v: v == "all")] = "all"
+    """Which user tokens are read: ``all`` (every user message of the conversation) or ``last`` (only the last user
+    message's tokens, read in context: the model has seen the earlier turns). For a single-turn prompt they are the
+    same. ``all`` is left out of the dump, so files written before this field existed keep their hash."""
     threshold: float
 
     @field_validator("features")

@@ -113,6 +113,8 @@ class _Category:
     actions: list[_Action]
     order: str = "combine_first"
     message: str | None = None
+    turns: str = "all"
+    """``all``: read every user token; ``last``: only the last user message's tokens (``RunState.last_turn_mask``)."""
 
     def score(self, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return detection_score(acts, mask, weights=self.weights, combine=self.combine, reduce=self.reduce, order=self.order)
@@ -172,7 +174,7 @@ class CompiledPolicy:
             weights = torch.tensor(d.weights, device=device) if d.weights is not None else None
             actions = [self._compile_action(a, base, saes, device, dtype, where) for a, base in c.steer]
             self.categories.append(_Category(c.id, c.label, c.response, d.layer, d.threshold, d.combine, d.reduce, index, weights, actions,
-                                             d.order, c.message))
+                                             d.order, c.message, d.turns))
         self.detect_layers = sorted(by_layer)
         self.steer_layers = sorted({a.layer for c in self.categories for a in c.actions})
         h = hashlib.sha256(resolved.hash.encode())
@@ -257,6 +259,9 @@ class RunState:
     """(B, P) of the padded prompt: prompt-position steering skips padding."""
     shadows: Sequence[Sequence[CompiledPolicy]] | None = None
     """Per row, policies whose detectors are scored from the same activations and reported, never acted on."""
+    last_turn_mask: torch.Tensor | None = None
+    """(B, P) True on the last user message's tokens, for detectors with ``turns: last`` (default: ``user_mask``;
+    for a single-turn prompt the two are equal)."""
     decisions: list[dict[str, Decision]] = field(default_factory=list)
     shadow_decisions: list[dict[int, dict[str, Decision]]] = field(default_factory=list)
     """Per row: id(shadow policy) -> its decisions."""
@@ -272,6 +277,10 @@ class RunState:
     def __post_init__(self) -> None:
         if self.user_mask.shape != self.attention_mask.shape or self.user_mask.shape[0] != len(self.policies):
             raise SteeringError("user_mask, attention_mask and policies must agree on the batch size and prompt length")
+        if self.last_turn_mask is None:
+            self.last_turn_mask = self.user_mask
+        elif self.last_turn_mask.shape != self.user_mask.shape:
+            raise SteeringError("last_turn_mask and user_mask must have the same shape")
         if self.shadows is not None and len(self.shadows) != len(self.policies):
             raise SteeringError("shadows must give one (possibly empty) list of policies per row")
         self.decisions = [{} for _ in self.policies]
@@ -338,7 +347,9 @@ class RunState:
         for p, entries in groups.values():
             rows = tuple(row for row, _ in entries)
             idx = torch.tensor(rows, device=h.device)
-            mask = self.user_mask.to(h.device)[idx]
+            masks = {"all": self.user_mask.to(h.device)[idx]}
+            if any(c.turns == "last" and c.layer == layer for c in p.categories):
+                masks["last"] = self.last_turn_mask.to(h.device)[idx]  # type: ignore[union-attr]
             enc = p.encoders[layer]
             key = (id(enc._sae), tuple(enc.features), rows)
             if key not in encoded:
@@ -347,7 +358,7 @@ class RunState:
             for c in p.categories:
                 if c.layer != layer:
                     continue
-                scores = c.score(acts[..., c.index], mask)
+                scores = c.score(acts[..., c.index], masks[c.turns])
                 for (_, sink), s in zip(entries, scores.tolist(), strict=True):
                     sink[c.id] = Decision(c.id, c.label, c.response, s, c.threshold, s >= c.threshold, layer, c.message)
         self.detect_seconds += time.perf_counter() - t0

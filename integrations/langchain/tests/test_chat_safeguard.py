@@ -384,3 +384,20 @@ def test_llm_and_loading_arguments_are_exclusive(tiny_llm):
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         ChatSafeguard(polcy="x")
     assert "llm" not in ChatSafeguard(llm=tiny_llm).model_dump()
+
+
+def test_history_goes_through_the_turn_aware_path(tiny_llm):
+    """A LangChain history reaches the engine as a conversation: a ``turns: last`` detector reads only the last human
+    message (in context), a ``turns: all`` one every human message, exactly as ``SteeredLLM.chat``."""
+    from _tiny import explicit_policy, first_turn_feature
+
+    history = [HumanMessage("How do I sharpen a kitchen knife at home?"), AIMessage("Use a whetstone at a low angle."),
+               HumanMessage("thanks, and what is the capital of France")]
+    messages = [{"role": r, "content": m.content} for r, m in zip(("user", "assistant", "user"), history, strict=True)]
+    f, thr = first_turn_feature(tiny_llm, messages)
+    chat = ChatSafeguard(llm=tiny_llm, max_tokens=2)
+    for turns, fired in (("all", ["cyber"]), ("last", [])):
+        policy = Policy.from_dict(explicit_policy(f, thr, turns=turns))
+        got = chat.invoke(history, policy=policy).response_metadata["safeguard"]
+        want = report_dict(tiny_llm.chat(messages, policy=policy, max_new_tokens=2).report)
+        assert got["fired"] == fired and without_timings(got) == without_timings(want)
