@@ -19,6 +19,7 @@ from .calibration import CURVE_TARGETS, LEVEL_TARGETS, RELAX_MARGIN, STRICT_FPR,
 from .data import HARMLESS_GROUPS, WRAPPED, Chat, SelectionData, _cached, _cap, _sha, selection_data
 from .detection import Detector, DetectorFit, choose_threshold, fit_detector, greedy_margins, pooled_features
 from .generalize import DetectConfig, Generalization, family, leave_one_source_out
+from .replies import ReplyCalibration, calibrate_reply_thresholds, reply_scores
 from .stats import GroupSummary, contrast_scores, distinct_features
 from .sweep import SweepPoint, _policy_dict, causal_check, pick_strength, plot_sweep, strength_sweep
 from .tables import FeatureRow, _rows, write_table
@@ -114,6 +115,9 @@ def select(
     curve_targets: Sequence[float] = CURVE_TARGETS,
     max_benign_increase: float = 0.04,
     redirect_strength: float = 1.0,
+    reply_detection: bool = True,
+    n_reply_benign: int = 160,
+    reply_margin: float = 0.2,
     detect_reduce: str = "max",
     n_wrapped_harmful: int = 200,
     n_wrapped_harmless: int | None = None,
@@ -381,6 +385,23 @@ def select(
         return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
 
     pairs = [(p, pick(REFUSALS, p), r if r.strip() and not is_refusal(r) else pick(COMPLIANT_OPENERS, p)) for p, r in zip(pair_prompts, replies, strict=True)]
+
+    # 3b. detection while the reply is written: thresholds on the unsteered model's own replies (replies.py)
+    reply_cal: ReplyCalibration | None = None
+    if reply_detection:
+        cat_of = {p.text: p.category for p in plain_select}
+        own = [(p, r) for p, r in zip(pair_prompts, replies, strict=True) if r.strip() and not is_refusal(r)]
+        b_prompts = [p.text for p in _cap([p for p in data.harmless_select if not isinstance(p.text, Chat)], n_reply_benign, seed + 19)]
+        vb_prompts = [p.text for p in data.harmless_val if not isinstance(p.text, Chat)]
+        b_replies = compliance_replies(llm, b_prompts + vb_prompts, progress=progress)
+        rs = _cached(at("replyscores", llm.model_name, sae_key, [asdict(d) for d in detectors], own, b_prompts, vb_prompts, b_replies, detect_layer),
+                     lambda: reply_scores(llm, own + list(zip(b_prompts + vb_prompts, b_replies, strict=True)), detectors, layer=detect_layer,
+                                          progress=progress))
+        no, nb = len(own), len(b_prompts)
+        reply_cal = calibrate_reply_thresholds(
+            {c: rs[c][no:no + nb] for c in cats},
+            {c: rs[c][:no][torch.tensor([cat_of.get(p) == c for p, _ in own], dtype=torch.bool)] for c in cats},
+            margin=reply_margin, val_benign={c: rs[c][no + nb:] for c in cats})
     rstats: ReplyStats = _cached(at("replies", llm.model_name, sae_key, pairs, steer_layer),
                                  lambda: collect_reply_stats(llm, pairs, layer=steer_layer, progress=progress))
     ref_t, ref_c = rstats.sae.summary("refusal"), rstats.sae.summary("compliance")
@@ -419,7 +440,8 @@ def select(
                 for f, wf in zip(steer_feats, w.tolist(), strict=True)]
 
     def detect_of(d: Detector) -> dict[str, Any]:
-        return {"layer": detect_layer, "features": d.features, "weights": d.weights, "combine": "sum", "reduce": d.reduce, "order": d.order}
+        return {"layer": detect_layer, "features": d.features, "weights": d.weights, "combine": "sum", "reduce": d.reduce, "order": d.order,
+                "turns": "last"}
 
     def policy_at(s: float) -> list[dict[str, Any]]:
         """The sweep's policy: every category refused at its standard threshold (explicit, version-1 blocks)."""
@@ -494,6 +516,10 @@ def select(
         "redirect": {"file": vec_file.name, "strength": redirect_strength,
                      "vectors": f"mean harmless minus mean category residual at layer {steer_layer} over user tokens (SafeSteer-style), one per category"},
         "threshold_margin": margin_report,
+        "reply_detection": ({"rule": f"per category: above the highest score of the unsteered model's replies to {n_reply_benign} select-part harmless "
+                                     f"prompts, plus {reply_margin} of the gap to the median score of its compliant replies to the category's "
+                                     "select-part harmful prompts (every reply token but the last, in context); val_benign_fired: its replies to "
+                                     "the validation harmless prompts", "per_category": reply_cal.report} if reply_cal is not None else None),
         "generalization": ({"chosen": generalization.chosen, "worst_family_recall_any": generalization.worst(generalization.chosen),
                             "families": generalization.families, "file": "generalization.json"} if generalization is not None
                            else {"chosen": config.name, "note": "one source family: no leave-one-source-out validation"}),
@@ -519,6 +545,8 @@ def select(
     pack_categories: dict[str, Any] = {}
     for d in detectors:
         entry: dict[str, Any] = {"label": _label(d.category), "taxonomy_code": _taxonomy_code(d.category), "detect": detect_of(d), **operating[d.category]}
+        if reply_cal is not None:
+            entry["reply"] = {"threshold": reply_cal.thresholds[d.category]}
         if entry["taxonomy_code"] is None:
             del entry["taxonomy_code"]
         pack_categories[d.category] = entry
