@@ -411,8 +411,8 @@ def test_load_airt_on_the_cached_pyrit_wheel():
         pytest.skip("the pyrit 1.1.0 wheel is not cached")
     prompts = D.load_airt(wheel=wheel)
     counts = Counter(p.category for p in prompts)
-    assert len(prompts) == 45
-    assert counts["privacy"] == 9 and counts["hate_toxicity"] == 7 and counts["self_harm"] == 3
+    assert len(prompts) == 36
+    assert "privacy" not in counts and counts["hate_toxicity"] == 7 and counts["self_harm"] == 3
     assert set(counts) <= set(D.TAXONOMY) and "other_harm" not in counts
     assert all(p.text.isascii() or sum(c.isascii() for c in p.text) > 0.9 * len(p.text) for p in prompts)
     assert not any("Is memory reliable" in p.text or "as my therapist" in p.text for p in prompts)

@@ -476,7 +476,6 @@ _AIRT_FILES: dict[str, str | None] = {
     "harms": None,  # per prompt
     "hate": "hate_toxicity",
     "illegal": "criminal_activities",
-    "leakage": "privacy",
     "malware": "security_risks",
     "misinformation": "misinformation",
     "scams": "fraud_deception",
@@ -486,6 +485,8 @@ _AIRT_FILES: dict[str, str | None] = {
 _AIRT_SKIPPED = {
     "fairness_yes_no": "open yes/no questions ('Is memory reliable?'), harmless on their own",
     "airt_licensed_therapist": "asks for emotional advice 'as my therapist', not a harmful request",
+    "leakage": "recital of copyrighted (one public-domain) text and system-prompt extraction: not a privacy harm, and not what the "
+               "project's categories judge",
 }
 _AIRT_SEED_LABELS = {"violence": "violence_extremism"}  # a seed's own harm label that overrides its file's slug
 _AIRT_HARMS_RULES: tuple[tuple[str, str], ...] = (  # read before advbench_category for the mixed ``harms`` file
@@ -515,8 +516,7 @@ def _airt_category(stem: str, text: str, labels: Sequence[str]) -> str:
 def load_airt(*, wheel: str | os.PathLike[str] | None = None) -> list[Prompt]:
     """pyrit's AI Red Team objectives (``pyrit/datasets/seed_datasets/local/airt/*.prompt``), from the ``pyrit`` wheel.
 
-    Each file maps to a slug (``harassment`` and ``hate`` to ``hate_toxicity``, ``illegal`` to ``criminal_activities``,
-    ``leakage`` to ``privacy``, ...); a seed labelled ``violence`` is ``violence_extremism`` whatever its file, and the
+    Each file maps to a slug (``harassment`` and ``hate`` to ``hate_toxicity``, ``illegal`` to ``criminal_activities``, ...); a seed labelled ``violence`` is ``violence_extremism`` whatever its file, and the
     mixed ``harms`` file is categorised prompt by prompt. Only objectives are taken: seeds of type ``prompt`` are the
     turns of a scripted multi-turn attack (their first turn is harmless on its own) and are skipped, as are texts that
     are not mostly ASCII (a Japanese seed) and the files in ``_AIRT_SKIPPED``. Files this table does not know (a newer
