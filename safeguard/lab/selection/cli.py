@@ -62,6 +62,10 @@ def select_command(
     strict_fpr: Annotated[float, typer.Option(help="Strict level: share of calibration benign prompts allowed to fire a category.")] = 0.01,
     max_benign_increase: Annotated[float, typer.Option(help="Sweep: most benign refusal increase allowed (fraction).")] = 0.04,
     redirect_strength: Annotated[float, typer.Option(help="Strength of redirect vectors.")] = 1.0,
+    reply_detection: Annotated[bool, typer.Option(help="Calibrate per-category reply thresholds (detection while the reply is written).")] = True,
+    n_reply_benign: Annotated[int, typer.Option(help="Select-part harmless prompts whose unsteered replies place the reply thresholds.")] = 160,
+    reply_margin: Annotated[float, typer.Option(help="Reply thresholds: share of the gap from the highest benign reply score to the median "
+                                                     "harmful one.")] = 0.2,
     detect_reduce: Annotated[str, typer.Option(help="Detection pooling over the user's tokens: max or mean.")] = "max",
     n_wrapped_harmful: Annotated[int, typer.Option(help="Select-part harmful prompts wrapped in train jailbreak templates (detection positives).")] = 200,
     n_wrapped_harmless: Annotated[int | None, typer.Option(help="Select-part harmless prompts wrapped in train jailbreak templates (detection "
@@ -93,6 +97,7 @@ def select_command(
                      n_steer_features=n_steer_features, strengths=sweep, strength=strength, causal_strength=causal_strength, positions=positions,
                      threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, relax_margin=relax_margin, strict_fpr=strict_fpr,
                      max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,
+                     reply_detection=reply_detection, n_reply_benign=n_reply_benign, reply_margin=reply_margin,
                      n_wrapped_harmful=n_wrapped_harmful, n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign,
                      tables=tables, seed=seed, command=command)
     c = res.chosen
