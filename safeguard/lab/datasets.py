@@ -516,7 +516,8 @@ def _airt_category(stem: str, text: str, labels: Sequence[str]) -> str:
 def load_airt(*, wheel: str | os.PathLike[str] | None = None) -> list[Prompt]:
     """pyrit's AI Red Team objectives (``pyrit/datasets/seed_datasets/local/airt/*.prompt``), from the ``pyrit`` wheel.
 
-    Each file maps to a slug (``harassment`` and ``hate`` to ``hate_toxicity``, ``illegal`` to ``criminal_activities``, ...); a seed labelled ``violence`` is ``violence_extremism`` whatever its file, and the
+    Each file maps to a slug (``harassment`` and ``hate`` to ``hate_toxicity``, ``illegal`` to ``criminal_activities``,
+    ...); a seed labelled ``violence`` is ``violence_extremism`` whatever its file, and the
     mixed ``harms`` file is categorised prompt by prompt. Only objectives are taken: seeds of type ``prompt`` are the
     turns of a scripted multi-turn attack (their first turn is harmless on its own) and are skipped, as are texts that
     are not mostly ASCII (a Japanese seed) and the files in ``_AIRT_SKIPPED``. Files this table does not know (a newer
