@@ -38,6 +38,9 @@ class ResolvedCategory:
     """False-positive rate the pack measured at this threshold (validation benign prompts)."""
     recall: float | None = None
     note: str | None = None
+    reply_threshold: float | None = None
+    """Set when the category also watches the reply as it is generated (the pack's ``reply`` threshold, the policy's
+    ``watch_reply`` on); ``None``: decided at the prompt only."""
 
     @property
     def threshold(self) -> float:
@@ -121,8 +124,9 @@ def resolve(policy: Policy, pack: Pack | None) -> ResolvedPolicy:
                 raise PolicyError(f"{where}: categories.{cid}.steer[{i}] acts on prompt positions at layer {a.layer}, before detection at layer "
                                   f"{detect.layer} has decided; use positions: generated or a layer >= {detect.layer}")
         label = rule.label or (pc.label if pc is not None else cid.replace("_", " ").capitalize())
+        reply = pc.reply.threshold if pc is not None and pc.reply is not None and not explicit_detect and policy.watches_reply(cid) else None
         out.append(ResolvedCategory(cid, label, response, detect, tuple(steer) if response in ("refuse", "redirect") else (), sens,
-                                    policy.message_of(cid) if response == "block" else None, fpr, recall, rule.note))
+                                    policy.message_of(cid) if response == "block" else None, fpr, recall, rule.note, reply))
     explicit = any(r.detect is not None or r.steer is not None for r in policy.categories.values())
     if explicit and pack is not None and policy.sae is not None and policy.sae != pack.sae:
         raise PolicyError(f"{where}: field 'sae' is {policy.sae!r}, but pack {pack.id!r} indexes {pack.sae!r}")

@@ -554,6 +554,7 @@ class SteeredLLM:
                 on_done(row, r)
 
         rows = _Rows(self.tokenizer, ids.shape[1], max_new, row_stops, eos, whens, finish, on_piece)
+        run.row_done = rows.done  # an ended row's reply is no longer watched
         kw["streamer"] = rows
         kw["stopping_criteria"] = StoppingCriteriaList([rows, *kw.get("stopping_criteria", [])])
         if any(p is not None and p.enforce and any(c.response == "block" for c in p.categories) for p in policies):
@@ -589,8 +590,9 @@ class SteeredLLM:
         if cut is not None:
             text, finish = text[:cut], "stop"
         report = SteeringReport.from_run(run, row, total)
-        if report.blocked:  # nothing was generated for this row: its category's message is the reply
-            text, gen, finish = report.message or "", [], "content_filter"
+        if report.blocked:  # its category's message is the reply (blocked at the prompt: nothing was generated)
+            in_reply = any(d.fired and d.where == "reply" and d.response == "block" for d in report.decisions)
+            text, gen, finish = report.message or "", gen if in_reply else [], "content_filter"
         self._log(prompt, report)
         return GenerationResult(text, report, prompt_tokens, len(gen), finish)
 
@@ -856,16 +858,18 @@ async def _cancellable(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 
 
 class _EndBlockedRows:
-    """A logits processor: rows whose policy blocked them (decided during prefill) can only emit end-of-turn, so
-    they finish at once while the rest of the batch decodes."""
+    """A logits processor: rows whose policy blocked them (at the prompt, or in the reply: from the token after the
+    one that fired) can only emit end-of-turn, so they finish at once while the rest of the batch decodes."""
 
     def __init__(self, run: RunState, eos: Sequence[int]):
         self._run = run
         self._eos = list(eos)
         self._rows: list[int] | None = None
+        self._fires = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self._rows is None:
+        if self._rows is None or self._fires != self._run.reply_fires:
+            self._fires = self._run.reply_fires
             self._rows = [r for r in range(self._run.batch_size) if self._run.blocked(r) is not None]
         if not self._rows or not self._eos:
             return scores

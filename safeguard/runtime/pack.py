@@ -29,6 +29,7 @@ a pack says *how* one model does it. ``safeguard select`` writes packs; people w
         curve:                               # for policies that state max_false_positive_rate themselves
           - {max_false_positive_rate: 0.0, threshold: 4.8, fpr: 0.0, recall: 0.50}
           - {max_false_positive_rate: 0.01, threshold: 4.2, fpr: 0.009, recall: 0.57}
+        reply: {threshold: 6.0}              # optional: also score the reply as it is generated (see ReplyDetect)
 
 ``fpr`` and ``recall`` are measured on the validation part of selection's data (``null`` where nothing was
 measured). Files a pack names must lie in its own folder. Packs ship beside the SAEs they index
@@ -51,7 +52,7 @@ from ._files import contained_path, read_yaml, stat_key
 from .names import same_model
 from .policy import SLUG, AddAction, ClampAction, Detect, Strict, Taxonomy, check_slugs, describe_validation
 
-__all__ = ["LEVELS", "OperatingPoint", "Pack", "PackCategory", "bundled_packs", "find_pack"]
+__all__ = ["LEVELS", "OperatingPoint", "Pack", "PackCategory", "ReplyDetect", "bundled_packs", "find_pack"]
 
 LEVELS = ("relaxed", "standard", "strict")
 PACK_SCHEMA_VERSION = 1
@@ -77,6 +78,14 @@ class PackDetect(Detect):
     threshold: float | None = None  # type: ignore[assignment]
 
 
+class ReplyDetect(Strict):
+    """Detection on the reply while it is generated: the category's detector (same features, weights, combine and
+    order) scores the generated tokens so far (per feature, or per token for ``combine_first``, a running max), and
+    the category fires when that score reaches ``threshold`` (calibrated on benign replies)."""
+
+    threshold: float
+
+
 class Level(Strict):
     max_false_positive_rate: float | None = Field(default=None, ge=0, le=1)
     description: str = ""
@@ -88,6 +97,8 @@ class PackCategory(Strict):
     detect: PackDetect
     levels: dict[str, OperatingPoint]
     curve: list[OperatingPoint] = Field(default_factory=list)
+    reply: Annotated[ReplyDetect | None, Field(exclude_if=lambda v: v is None)] = None
+    """Optional: watch the reply as it is generated (policies may switch it off with ``watch_reply: false``)."""
 
     @field_validator("levels")
     @classmethod

@@ -167,6 +167,9 @@ class Defaults(Strict):
     sensitivity: Sensitivity = "standard"
     message: str = Field(default=DEFAULT_MESSAGE, min_length=1)
     """The reply of a ``block`` category without a message of its own."""
+    watch_reply: Annotated[bool, Field(exclude_if=lambda v: v is True)] = True
+    """Also score the reply while it is generated, for the categories whose pack gives a ``reply`` threshold (a
+    category that fires in the reply gets its response from the next token on). ``false`` decides at the prompt only."""
 
 
 class CategoryRule(Strict):
@@ -179,6 +182,8 @@ class CategoryRule(Strict):
     message: str | None = Field(default=None, min_length=1)
     note: str | None = None
     """Why: free text for reviewers, never interpreted."""
+    watch_reply: Annotated[bool | None, Field(exclude_if=lambda v: v is None)] = None
+    """This category's reply detection on or off (unset: ``defaults.watch_reply``); needs the pack's ``reply`` threshold."""
     label: str | None = None
     taxonomy_code: str | None = None
     detect: Detect | None = None
@@ -333,6 +338,10 @@ class Policy(Strict):
 
     def message_of(self, category: str) -> str:
         return self.rule(category).message or self.defaults.message
+
+    def watches_reply(self, category: str) -> bool:
+        r = self.rule(category)
+        return r.watch_reply if r.watch_reply is not None else self.defaults.watch_reply
 
     @property
     def enforced(self) -> list[str]:

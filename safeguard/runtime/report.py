@@ -24,6 +24,9 @@ class AppliedSteering:
     value: float | None = None
     vector: str | None = None
     """For ``vector``: ``file#key``."""
+    from_token: int | None = None
+    """For a category that fired in the reply: the first generated token (index from 0) steered; ``positions`` is
+    then ``generated``."""
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,14 @@ class SteeringReport:
         applied: list[AppliedSteering] = []
         for category, a in run.applied_actions(row):  # exactly what the engine applies
             s = a.spec
+            d = run.decisions[row][category]
+            where = {"positions": "generated", "from_token": (d.token or 0) + 1} if d.where == "reply" else {"positions": s.positions}
             if s.kind == "add":
-                applied.append(AppliedSteering(category, "add", s.layer, s.positions, feature=s.feature, strength=s.strength))
+                applied.append(AppliedSteering(category, "add", s.layer, feature=s.feature, strength=s.strength, **where))
             elif s.kind == "clamp":
-                applied.append(AppliedSteering(category, "clamp", s.layer, s.positions, feature=s.feature, value=s.value))
+                applied.append(AppliedSteering(category, "clamp", s.layer, feature=s.feature, value=s.value, **where))
             else:
-                applied.append(AppliedSteering(category, "vector", s.layer, s.positions, strength=s.strength, vector=f"{s.file}#{s.key}"))
+                applied.append(AppliedSteering(category, "vector", s.layer, strength=s.strength, vector=f"{s.file}#{s.key}", **where))
         blocked = run.blocked(row)
         return cls(
             policy_name=p.policy.name,
@@ -142,7 +147,8 @@ class GenerationResult:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     """``stop`` (end of turn or a stop string), ``length`` (max_new_tokens reached), ``time`` (``max_time`` ran out
-    first) or ``content_filter`` (a ``block`` category fired: ``text`` is its message and nothing was generated)."""
+    first) or ``content_filter`` (a ``block`` category fired: ``text`` is its message; nothing was generated when it
+    fired at the prompt, ``completion_tokens`` tokens up to the firing one when it fired in the reply)."""
 
     def __str__(self) -> str:
         return self.text

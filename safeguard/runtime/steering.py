@@ -6,7 +6,9 @@ Data flow of one ``generate`` call::
                 policy needs, score each category over the user's tokens, per batch row
             ──► layer s (steer):  for rows whose categories fired, add decoder directions / dense
                 vectors, or clamp feature activations, on prompt and/or generated positions
-    decode  ──► layer s only: same per-row steering on each new token (decisions are kept)
+    decode  ──► layer s: same per-row steering on each new token (decisions are kept)
+            ──► layer d, for categories with a reply threshold that have not fired: score the generated tokens
+                so far (running max); a row whose reply fires gets the category's response from the next token on
 
 Rows that do not fire are never written to, so they are bit-for-bit what the unsteered model computes
 in the same batch. Each row may carry its own compiled policy (or none). Hooks live only inside
@@ -115,6 +117,8 @@ class _Category:
     message: str | None = None
     turns: str = "all"
     """``all``: read every user token; ``last``: only the last user message's tokens (``RunState.last_turn_mask``)."""
+    reply_threshold: float | None = None
+    """Also scored on the generated tokens, firing at this threshold (``None``: the prompt decides alone)."""
 
     def score(self, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return detection_score(acts, mask, weights=self.weights, combine=self.combine, reduce=self.reduce, order=self.order)
@@ -174,7 +178,14 @@ class CompiledPolicy:
             weights = torch.tensor(d.weights, device=device) if d.weights is not None else None
             actions = [self._compile_action(a, base, saes, device, dtype, where) for a, base in c.steer]
             self.categories.append(_Category(c.id, c.label, c.response, d.layer, d.threshold, d.combine, d.reduce, index, weights, actions,
-                                             d.order, c.message, d.turns))
+                                             d.order, c.message, d.turns, c.reply_threshold))
+        self.reply: dict[int, _ReplyDetector] = {}
+        """Per detect layer: the categories that also watch the reply, as one small set of tensors."""
+        for layer in sorted(by_layer):
+            watched = [(cat, c.detect) for cat, c in zip(self.categories, resolved.categories, strict=True)
+                       if cat.layer == layer and cat.reply_threshold is not None]
+            if watched:
+                self.reply[layer] = _ReplyDetector(watched, saes[layer], device)
         self.detect_layers = sorted(by_layer)
         self.steer_layers = sorted({a.layer for c in self.categories for a in c.actions})
         h = hashlib.sha256(resolved.hash.encode())
@@ -232,6 +243,55 @@ class CompiledPolicy:
         return set(self.detect_layers) | set(self.steer_layers)
 
 
+class _ReplyDetector:
+    """The reply-watching categories of one policy at one layer. Per generated token: encode only their features'
+    encoder columns, keep a running max per feature (``reduce_first``) or per token score (``combine_first``), and
+    score every category at once: ``M @ w_pool + S`` (a linear combine: ``sum``, weighted or not, or ``mean``),
+    ``M[:, idx].amax(-1)`` (``combine: max``, the same in either order)."""
+
+    def __init__(self, watched: list[tuple[_Category, Any]], sae: Any, device: torch.device):
+        self.categories = [c for c, _ in watched]
+        feats: list[int] = []
+        for _, d in watched:
+            feats.extend(f for f in d.features if f not in feats)
+        self.encoder = sae.encoder(feats).to(device)
+        k, n = len(feats), len(watched)
+        self.w_pool = torch.zeros(k, n)
+        """Linear combines of ``reduce_first`` categories, applied to the pooled features."""
+        self.w_token = torch.zeros(k, n)
+        """Linear combines of ``combine_first`` categories, applied to each token."""
+        self.max_cols: list[tuple[int, torch.Tensor]] = []
+        for j, (c, d) in enumerate(watched):
+            idx = [feats.index(f) for f in d.features]
+            if c.combine == "max":
+                self.max_cols.append((j, torch.tensor(idx, device=device)))
+                continue
+            w = torch.tensor(d.weights) if d.weights is not None else torch.ones(len(idx))
+            if c.combine == "mean":
+                w = w / len(idx)
+            (self.w_pool if c.order == "reduce_first" else self.w_token)[idx, j] = w
+        dtype = self.encoder.dtype
+        self.w_pool, self.w_token = self.w_pool.to(device, dtype), self.w_token.to(device, dtype)
+        self.token_cols = torch.tensor([c.order != "reduce_first" and c.combine != "max" for c in self.categories], device=device)
+        self.thresholds = torch.tensor([c.reply_threshold for c in self.categories], device=device, dtype=dtype)
+
+
+@dataclass
+class _Watch:
+    """One policy's rows watched at one layer while the reply is generated."""
+
+    detector: _ReplyDetector
+    rows: list[int]
+    index: torch.Tensor | None
+    """``rows`` as a tensor, or ``None`` when they are every row of the batch in order (no gather needed)."""
+    active: torch.Tensor
+    """(n, C) categories still to watch per row (not fired at the prompt or in the reply so far)."""
+    pooled: torch.Tensor | None = None
+    """(n, K) running max of each feature over the generated tokens."""
+    token_max: torch.Tensor | None = None
+    """(n, C) running max of each ``combine_first`` category's per-token score."""
+
+
 # ---------------------------------------------------------------------------------------- run state
 @dataclass(frozen=True)
 class Decision:
@@ -246,6 +306,14 @@ class Decision:
     layer: int
     message: str | None = None
     """For a ``block`` category: the reply its policy gives instead of generating."""
+    where: str = "prompt"
+    """Where it was decided: ``prompt`` (at prefill) or ``reply`` (fired while the reply was generated; ``score`` and
+    ``threshold`` are then the reply detector's)."""
+    token: int | None = None
+    """For ``where == "reply"``: the index (from 0) of the generated token whose representation fired it; the
+    response applies from token ``token + 1`` on."""
+    prompt_score: float | None = None
+    """For ``where == "reply"``: the score the prompt had (below its threshold)."""
 
 
 @dataclass
@@ -266,6 +334,10 @@ class RunState:
     shadow_decisions: list[dict[int, dict[str, Decision]]] = field(default_factory=list)
     """Per row: id(shadow policy) -> its decisions."""
     detect_seconds: float = 0.0
+    row_done: Sequence[bool] | None = None
+    """Per row, True once the row has ended (``_Rows.done``): an ended row's reply is no longer watched."""
+    reply_fires: int = 0
+    """How many categories fired in the reply so far (the block logits processor re-reads its rows when it grows)."""
     calls: int = 0
     _start: int = 0
     _seq: int = 0
@@ -273,6 +345,9 @@ class RunState:
     _plans: dict[tuple[int, str], Any] = field(default_factory=dict)
     _handle: SteeringHandle | None = None
     _target: tuple[torch.device, torch.dtype] = (torch.device("cpu"), torch.float32)
+    _watch: dict[int, list[_Watch]] | None = None
+    """Per detect layer, the rows whose reply is scored (set up at the first decode step)."""
+    _replan: bool = False
 
     def __post_init__(self) -> None:
         if self.user_mask.shape != self.attention_mask.shape or self.user_mask.shape[0] != len(self.policies):
@@ -325,9 +400,69 @@ class RunState:
         self._seq = seq
         self._processed = self._start + seq
         self.calls += 1
-        if self.calls == 2 and seq == 1 and self._handle is not None and not self._steers_generated():
-            # decisions are made and nothing steers new tokens: decode at exactly the unsteered cost
-            self._handle.remove()
+        if self._replan:  # a category fired in the reply during the last call: it steers from this call on
+            self._replan = False
+            self._plans = {k: v for k, v in self._plans.items() if k[1] != "generated"}
+        if self.calls == 2:
+            self._watch = self._watch_setup()
+            if seq == 1 and self._handle is not None and not self._watch and not self._steers_generated():
+                # decisions are made and nothing steers or watches new tokens: decode at exactly the unsteered cost
+                self._handle.remove()
+
+    def _watch_setup(self) -> dict[int, list[_Watch]]:
+        """After prefill: per layer and policy, the rows and categories whose reply is scored from now on."""
+        groups: dict[tuple[int, int], tuple[_ReplyDetector, list[int]]] = {}
+        for row, p in enumerate(self.policies):
+            if p is None or not p.reply or self.blocked(row) is not None:
+                continue
+            for layer, det in p.reply.items():
+                groups.setdefault((layer, id(det)), (det, []))[1].append(row)
+        out: dict[int, list[_Watch]] = {}
+        for (layer, _), (det, rows) in groups.items():
+            active = torch.tensor([[not (d := self.decisions[r].get(c.id)) or not d.fired for c in det.categories] for r in rows],
+                                  device=det.thresholds.device)
+            if active.any():
+                index = None if rows == list(range(self.batch_size)) else torch.tensor(rows, device=det.thresholds.device)
+                out.setdefault(layer, []).append(_Watch(det, rows, index, active))
+        return out
+
+    def _watch_reply(self, layer: int, h: torch.Tensor) -> None:
+        """Score the generated tokens of this forward for the watched categories; record the ones that fire."""
+        lo = max(self.prompt_len - self._start, 0)
+        if lo >= self._seq:
+            return
+        t0 = time.perf_counter()
+        token = self._start + self._seq - 1 - self.prompt_len
+        for w in self._watch[layer]:  # type: ignore[index]
+            det = w.detector
+            x = h[:, lo:] if w.index is None else h[w.index, lo:]
+            acts = det.encoder(x).amax(1) if x.shape[1] > 1 else det.encoder(x[:, 0])  # (n, K): max is idempotent, so a recompute is harmless
+            w.pooled = acts if w.pooled is None else torch.maximum(w.pooled, acts)
+            per_token = acts @ det.w_token
+            w.token_max = per_token if w.token_max is None else torch.maximum(w.token_max, per_token)
+            scores = torch.where(det.token_cols, w.token_max, w.pooled @ det.w_pool)
+            for j, idx in det.max_cols:
+                scores[:, j] = w.pooled[:, idx].amax(-1)
+            hit = (scores >= det.thresholds) & w.active
+            if hit.any():
+                self._reply_fired(layer, w, hit, scores, token)
+        self.detect_seconds += time.perf_counter() - t0
+
+    def _reply_fired(self, layer: int, w: _Watch, hit: torch.Tensor, scores: torch.Tensor, token: int) -> None:
+        # the plans this call may still use are built first: the new responses start with the next call
+        for p in {id(p): p for p in self.policies if p is not None and p.enforce}.values():
+            for steer_layer in p.steer_layers:
+                self._plan(steer_layer, "generated", *self._target)
+        for i, j in hit.nonzero().tolist():
+            row, c = w.rows[i], w.detector.categories[j]
+            w.active[i, j] = False
+            if self.row_done is not None and self.row_done[row]:
+                continue
+            before = self.decisions[row].get(c.id)
+            self.decisions[row][c.id] = Decision(c.id, c.label, c.response, float(scores[i, j]), float(c.reply_threshold or 0.0), True, layer,
+                                                 c.message, where="reply", token=token, prompt_score=before.score if before else None)
+            self.reply_fires += 1
+            self._replan = True
 
     def _steers_generated(self) -> bool:
         layers = {layer for p in self.policies if p is not None and p.enforce for layer in p.steer_layers}
@@ -372,15 +507,20 @@ class RunState:
             return []
         return _steering(p, self.decisions[row])
 
-    def applied_actions(self, row: int) -> list[tuple[str, _Action]]:
-        """(category id, action) for every action that steers ``row``: those of its steering categories, an
-        action that several of them share listed once (it is applied once, not summed)."""
+    def applied_actions(self, row: int, phase: str | None = None) -> list[tuple[str, _Action]]:
+        """(category id, action) for every action that steers ``row`` (in ``phase``, ``prompt`` or ``generated``, when
+        given): those of its steering categories, an action that several of them share listed once (it is applied
+        once, not summed). A category that fired in the reply steers generated positions only, whatever its actions'
+        ``positions`` say (the prompt is past)."""
         if self.policies[row] is None or not self.policies[row].enforce:
             return []
         out: list[tuple[str, _Action]] = []
         seen: set[Any] = set()
         for c in self.steering_categories(row):
+            in_reply = self.decisions[row][c.id].where == "reply"
             for a in c.actions:
+                if phase is not None and not (phase == "generated" if in_reply else a.positions in (phase, "both")):
+                    continue
                 if a.spec not in seen:
                     seen.add(a.spec)
                     out.append((c.id, a))
@@ -396,8 +536,8 @@ class RunState:
         clamps: list[tuple[list[int], _Action]] = []
         for row in range(self.batch_size):
             vec = None
-            for _, a in self.applied_actions(row):
-                if a.layer != layer or a.positions not in (phase, "both"):
+            for _, a in self.applied_actions(row, phase):
+                if a.layer != layer:
                     continue
                 if a.vector is not None:
                     vec = a.vector if vec is None else vec + a.vector
@@ -457,6 +597,8 @@ class RunState:
                 self._target = (h.device, h.dtype)
                 if detect:
                     self._detect(layer, h)
+            elif self._watch and layer in self._watch:
+                self._watch_reply(layer, h)
             if not steer:
                 return None
             new = self._steer(layer, h)

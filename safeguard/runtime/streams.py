@@ -175,7 +175,11 @@ class TextStream(Iterator[str]):
     """Text pieces of one reply (one row of a generate call) as they are generated; ``.result`` once it is exhausted.
 
     ``close()`` (or leaving a ``with`` block) stops this row at the next decode step and waits for its end; the
-    other rows of the same call go on. An error in generation is re-raised here."""
+    other rows of the same call go on. An error in generation is re-raised here.
+
+    A ``block`` category that fires in the reply (a pack ``reply`` threshold) ends the row at the next token; the
+    pieces already handed out cannot be recalled, so the stream then yields the category's message as its final
+    piece, and ``.result`` holds the message as its text with ``finish_reason == "content_filter"``."""
 
     def __init__(self, batch: _Batch, row: int, stops: Sequence[str]):
         self._batch = batch
