@@ -258,7 +258,7 @@ def test_select_writes_a_pack_with_levels_vectors_provenance_and_tables(llm, tmp
                  detect_layer=1, steer_layer=2, detect_configs=[DetectConfig(4, 2, 1e-2), DetectConfig(6, 1, 1e-1)], n_steer_features=2,
                  n_candidates=3, min_prompts=2,
                  n_refusal_pairs=4, n_causal_prompts=2, strengths=(0.5, 1.0), n_val_harmful=4, n_val_benign=4, max_new_tokens=4,
-                 n_wrapped_harmful=6, n_wrapped_harmless=3, templates=templates, data=data, progress=False, reply_detection=False,
+                 n_wrapped_harmful=6, n_wrapped_harmless=3, templates=templates, data=data, progress=False, n_reply_benign=4,
                  command="safeguard select --out pack.yaml")
     pack = Pack.load(out)  # validates
     assert pack.id == "tiny-sae" and pack.model == "tiny-llama" and pack.sae == "tiny-sae" and pack.measured
@@ -272,10 +272,11 @@ def test_select_writes_a_pack_with_levels_vectors_provenance_and_tables(llm, tmp
     vectors = load_file(str(pack.file(pack.redirect.file)))
     assert set(vectors) == set(pack.categories) and all(v.shape == (32,) and v.abs().sum() > 0 for v in vectors.values())
     val_b = [p.text for p in data.harmless_val]
+    prov = pack.provenance_data()
     for cid, pc in pack.categories.items():
         d = pc.detect
         assert d.layer == 1 and 1 <= len(d.features) <= 2 and d.combine == "sum" and d.reduce == "max" and d.order == "reduce_first" and d.threshold is None
-        assert d.turns == "last"
+        assert d.turns == "last" and pc.reply is not None and pc.reply.threshold == prov["reply_detection"]["per_category"][cid]["threshold"]
         # monotone: relaxed is the least sensitive, strict the most; the curve's thresholds fall as its targets rise
         lv = pc.levels
         assert lv["relaxed"].threshold >= lv["standard"].threshold >= lv["strict"].threshold
@@ -317,7 +318,7 @@ def test_select_writes_a_pack_with_levels_vectors_provenance_and_tables(llm, tmp
 
     cached = sorted((tmp_path / "cache" / "selection").iterdir())
     steps = [f for f in cached if f.suffix == ".safetensors"]
-    assert sorted(f.name.split("-")[0] for f in steps) == ["causal", "pooled", "prompts", "replies"]
+    assert sorted(f.name.split("-")[0] for f in steps) == ["causal", "pooled", "prompts", "replies", "replyscores"]
     # leave-one-source-out: both configurations measured on each held-out family, the chosen one by its worst family
     gen = json.loads(res.files["generalization_json"].read_text())
     assert set(gen["configs"]) == {"top4->2, l2=0.01", "top6->1, l2=0.1"} and gen["families"] == {"t": 8, "u": 8, "multiturn": 1}
@@ -472,3 +473,38 @@ def test_thresholds_and_auc_of_leave_one_source_out():
     assert family("donotanswer/malicious_uses") == "donotanswer" and family("advbench") == "advbench"
     with pytest.raises(SelectionError, match="two source families"):
         leave_one_source_out(torch.zeros(4, 1), [0], {"c": {"a": [0, 1]}}, [2], [3], lambda c, h, k: [0], [DetectConfig(1, 1, 0.0)])
+
+
+def test_reply_scores_are_the_engines_reply_scores(llm, tmp_path):
+    import yaml
+    from _tiny import policy_v2, write_tiny_pack
+
+    from safeguard import SteeredLLM
+    from safeguard.lab.selection.replies import calibrate_reply_thresholds, reply_scores
+
+    prompt, n = "hello there", 10
+    det = Detector("cyber", [3, 5, 9], [0.5, -2.0, 1.0], "max", "reduce_first")
+    ids, attn, *_ = llm._encode([prompt], True, n)
+    with torch.no_grad():
+        gen = llm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+    lab = float(reply_scores(llm, [(prompt, gen.tolist())], [det], layer=1)["cyber"][0])
+
+    def fired_in_reply(threshold: float):
+        path = write_tiny_pack(tmp_path / f"p{threshold}")
+        data = yaml.safe_load(path.read_text())
+        data["categories"]["cyber"]["detect"] = {"layer": 1, "features": det.features, "weights": det.weights, "combine": "sum", "reduce": "max",
+                                                 "order": "reduce_first", "turns": "last"}
+        data["categories"]["cyber"]["reply"] = {"threshold": threshold}
+        path.write_text(yaml.safe_dump(data))
+        steered = SteeredLLM(llm._loaded, llm.saes, None, pack=path)
+        pol = Policy.from_dict(policy_v2(cyber={"response": "monitor", "sensitivity": "relaxed"}, fraud={"response": "off"}))
+        r = steered.generate(prompt, policy=pol, max_new_tokens=n)
+        return [d for d in r.report.decisions if d.fired and d.where == "reply"]
+
+    (d,) = fired_in_reply(lab - 1e-4)  # the running max reaches the lab's score over the same tokens...
+    assert d.category == "cyber" and lab - 1e-4 <= d.score <= lab + 1e-4
+    assert fired_in_reply(lab + 1e-3) == []  # ...and never exceeds it
+    cal = calibrate_reply_thresholds({"cyber": torch.tensor([0.0, 1.0, 2.0])}, {"cyber": torch.tensor([4.0, 6.0])}, margin=0.5,
+                                     val_benign={"cyber": torch.tensor([1.0, 3.5])})
+    assert cal.thresholds["cyber"] == pytest.approx(3.0, abs=1e-4) and cal.report["cyber"]["val_benign_fired"] == 0.5
+    assert cal.report["cyber"]["harmful_compliance_fired"] == 1.0

@@ -24,17 +24,21 @@ from .detection import Detector, choose_threshold
 __all__ = ["ReplyCalibration", "calibrate_reply_thresholds", "encode_reply", "reply_scores"]
 
 
-def encode_reply(llm: Any, prompt: Any, reply: str) -> tuple[list[int], list[bool]]:
-    """Token ids of ``prompt`` (a text or chat messages) with ``reply`` prefilled after the generation prompt, and
-    the mask of the reply tokens the engine would have fed back (every reply token but the last)."""
+def encode_reply(llm: Any, prompt: Any, reply: str | Sequence[int]) -> tuple[list[int], list[bool]]:
+    """Token ids of ``prompt`` (a text or chat messages) with ``reply`` (a text, or the generated token ids)
+    prefilled after the generation prompt, and the mask of the reply tokens the engine would have fed back (every
+    reply token but the last)."""
     ids, _ = llm._encode_one(prompt, True)
-    rep = llm.tokenizer(reply, add_special_tokens=False)["input_ids"] if reply else []
+    if isinstance(reply, str):
+        rep = llm.tokenizer(reply, add_special_tokens=False)["input_ids"] if reply else []
+    else:
+        rep = [int(x) for x in reply]
     mask = [False] * len(ids) + [True] * max(len(rep) - 1, 0) + [False] * min(len(rep), 1)
     return ids + list(rep), mask
 
 
 @torch.inference_mode()
-def reply_scores(llm: Any, pairs: Sequence[tuple[Any, str]], detectors: Sequence[Detector], *, layer: int, batch_size: int = 16,
+def reply_scores(llm: Any, pairs: Sequence[tuple[Any, str | Sequence[int]]], detectors: Sequence[Detector], *, layer: int, batch_size: int = 16,
                  max_batch_tokens: int = 4096, progress: bool = False) -> dict[str, torch.Tensor]:
     """Each ``reduce_first`` max detector's score over the reply tokens of each ``(prompt, reply)`` pair (0 rows:
     a reply of fewer than two tokens scores ``-inf``)."""
