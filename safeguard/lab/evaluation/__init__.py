@@ -19,20 +19,27 @@ row that no category fires on is bit-for-bit the unsteered reply; the "identical
 often steering touched a benign request. Greedy decoding throughout.
 
 Modules: ``sets`` (what is measured), ``run`` (producing and caching replies, ``evaluate``), ``report`` (``EvalResult``,
-criteria, tables, Markdown / HTML / JSON / plots), ``cli`` (``safeguard eval``).
+criteria, tables, Markdown / HTML / JSON / plots), ``baselines`` (system prompt, self-check rail, dense refusal direction
+on the same prompts and judge), ``cli`` (``safeguard eval``).
 """
 
 from __future__ import annotations
 
+from .baselines import BASELINES, BLOCK_MESSAGE, SAFETY_SYSTEM_PROMPT, SELF_CHECK_PROMPT
 from .cli import eval_command
-from .report import DEFAULT_CRITERIA, Criteria, EvalResult, Reply, to_html, to_markdown, write_report
+from .report import DEFAULT_CRITERIA, BaselineReply, Criteria, EvalResult, Reply, to_html, to_markdown, write_report
 from .run import evaluate, steered_replies, unsteered_replies
 from .sets import BENIGN_SETS, CAPABILITY_QA, EvalSets, JailbreakCase, answer_correct, eval_sets
 
 __all__ = [
+    "BASELINES",
     "BENIGN_SETS",
+    "BLOCK_MESSAGE",
     "CAPABILITY_QA",
     "DEFAULT_CRITERIA",
+    "SAFETY_SYSTEM_PROMPT",
+    "SELF_CHECK_PROMPT",
+    "BaselineReply",
     "Criteria",
     "EvalResult",
     "EvalSets",

@@ -11,7 +11,7 @@ import typer
 
 from ... import _options as opt
 from .report import DEFAULT_CRITERIA, Criteria, _tables, write_report
-from .run import evaluate
+from .run import _check_baselines, evaluate
 from .sets import eval_sets
 
 __all__ = ["eval_command"]
@@ -40,6 +40,9 @@ def eval_command(
     max_benign_increase: Annotated[float, typer.Option(help="Criterion: benign refusal rises by at most this.")] = DEFAULT_CRITERIA.benign_increase_max,
     min_benign_identical: Annotated[float, typer.Option(help="Criterion: share of benign replies identical.")] = DEFAULT_CRITERIA.benign_identical_min,
     compare_parent: Annotated[bool, typer.Option(help="For a policy that extends another: the parent's decisions on the same prompts.")] = True,
+    baselines: Annotated[str, typer.Option(help="Comma-separated baselines on the same prompts and judge: system_prompt, self_check, "
+                                                "dense_direction (each costs a generation pass; default none).")] = "",
+    baseline_n: Annotated[int, typer.Option(help="Prompts per set the baselines answer (the first of each set).")] = 40,
     threads: opt.Threads = 1,
 ) -> None:
     """Measure a policy on held-out prompts: safety, over-refusal, identical replies, capability, jailbreaks."""
@@ -54,14 +57,16 @@ def eval_command(
         command = "safeguard eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else ""
         if not command:
             command = _reconstruct(policy, out, model, sae, pack, quantization, n_harmful, n_benign, n_risky, n_blind_benign, n_blind_risky,
-                                   n_capability, n_jailbreak, n_jailbreak_benign, max_new_tokens, batch_size, seed)
+                                   n_capability, n_jailbreak, n_jailbreak_benign, max_new_tokens, batch_size, seed, baselines, baseline_n)
         # the sets before the model: bad counts fail at once
         sets = eval_sets(n_harmful=n_harmful, n_benign=n_benign, n_risky=n_risky, n_blind_benign=n_blind_benign, n_blind_risky=n_blind_risky,
                          n_capability=n_capability, n_jailbreak=n_jailbreak, n_jailbreak_benign=n_jailbreak_benign, seed=seed)
         criteria = Criteria(min_harmful_increase, max_benign_increase, min_benign_identical)
+        _check_baselines(baselines)
         llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, pack=pack, quantization=quantization, device=device)
+        names = _check_baselines(baselines)
         result = evaluate(llm, policy, sets, max_new_tokens=max_new_tokens, batch_size=batch_size, command=command, criteria=criteria,
-                          compare_parent=compare_parent)
+                          compare_parent=compare_parent, baselines=names, baseline_n=baseline_n)
     folder = out or Path("docs") / "eval" / pol.name
     paths = write_report(result, folder)
     s = result.summary()
@@ -76,7 +81,7 @@ def eval_command(
 
 def _reconstruct(policy: str, out: Path | None, model: str | None, sae: list[str] | None, pack: Path | None, quantization: str | None, n_harmful: int,
                  n_benign: int, n_risky: int, n_blind_benign: int, n_blind_risky: int, n_capability: int, n_jailbreak: int,
-                 n_jailbreak_benign: int, max_new_tokens: int, batch_size: int, seed: int) -> str:
+                 n_jailbreak_benign: int, max_new_tokens: int, batch_size: int, seed: int, baselines: str = "", baseline_n: int = 40) -> str:
     args = ["safeguard", "eval", str(policy)]
     if out is not None:
         args += ["--out", str(out)]
@@ -92,5 +97,7 @@ def _reconstruct(policy: str, out: Path | None, model: str | None, sae: list[str
              "--n-blind-risky", str(n_blind_risky), "--n-capability", str(n_capability),
              "--n-jailbreak", str(n_jailbreak), "--n-jailbreak-benign", str(n_jailbreak_benign), "--max-new-tokens", str(max_new_tokens),
              "--batch-size", str(batch_size), "--seed", str(seed)]
+    if baselines:
+        args += ["--baselines", baselines, "--baseline-n", str(baseline_n)]
     return " ".join(shlex.quote(a) for a in args)
 

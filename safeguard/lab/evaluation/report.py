@@ -6,13 +6,13 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .sets import BENIGN_SETS
 
-__all__ = ["DEFAULT_CRITERIA", "Criteria", "EvalResult", "Reply", "to_html", "to_markdown", "write_report"]
+__all__ = ["DEFAULT_CRITERIA", "BaselineReply", "Criteria", "EvalResult", "Reply", "to_html", "to_markdown", "write_report"]
 
 @dataclass(frozen=True)
 class Criteria:
@@ -64,6 +64,25 @@ def _rate(xs: Sequence[bool]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+@dataclass(frozen=True)
+class BaselineReply:
+    """One prompt's reply under a baseline (``baselines.BASELINES``); ``index`` is the prompt's row in
+    ``EvalResult.of(set)``, whose unsteered and steered replies it is compared with."""
+
+    baseline: str
+    set: str
+    index: int
+    reply: str
+    refused: bool
+    fired: tuple[str, ...] = ()
+    """``dense_direction``: the categories that fired (the policy's detectors); ``self_check``: ``("self_check",)`` when blocked."""
+
+
+BASELINE_ROWS = (("harmful", "Harmful prompts refused (safety)"), ("benign", "Benign prompts refused (over-refusal)"),
+                 ("risky", "Risky-looking benign prompts refused"), ("jailbreak", "Jailbreak-wrapped harmful prompts refused"))
+"""The refusal rows of the baseline table, in order; other sets with baseline replies follow under their own names."""
+
+
 @dataclass
 class EvalResult:
     """Every reply of an evaluation and the rates computed from them."""
@@ -78,6 +97,8 @@ class EvalResult:
     criteria: Criteria = DEFAULT_CRITERIA
     parent: dict[str, Any] | None = None
     """The policy this one extends: name, version, hash, and per category its stated operating point."""
+    baselines: list[BaselineReply] = field(default_factory=list)
+    """Replies of the baselines (``--baselines``) to the first prompts of each set."""
 
     def of(self, name: str) -> list[Reply]:
         return [r for r in self.replies if r.set == name]
@@ -158,6 +179,31 @@ class EvalResult:
                           for k, rows in (("harmful", harmful), ("benign", benign))},
         }
 
+    def baseline_names(self) -> list[str]:
+        return list(dict.fromkeys(b.baseline for b in self.baselines))
+
+    def baseline_rates(self, names: str | Sequence[str]) -> dict[str, dict[str, float]]:
+        """On the rows of one set (or several pooled) that the baselines answered: the unsteered model's and the
+        policy's refusal and identical rates, and each baseline's (``refusal_<name>``, ``identical_<name>``)."""
+        sets = [names] if isinstance(names, str) else list(names)
+        rows = {(b.set, b.index) for b in self.baselines if b.set in sets}
+        base = {(n, i): r for n in sets for i, r in enumerate(self.of(n)) if (n, i) in rows}
+        out: dict[str, float] = {"n": len(base), "refusal_unsteered": _rate([r.refused_unsteered for r in base.values()]),
+                                 "refusal_steered": _rate([r.refused_steered for r in base.values()]),
+                                 "identical_steered": _rate([r.identical for r in base.values()])}
+        for name in self.baseline_names():
+            mine = [b for b in self.baselines if b.baseline == name and (b.set, b.index) in base]
+            out[f"refusal_{name}"] = _rate([b.refused for b in mine])
+            out[f"identical_{name}"] = _rate([b.reply == base[(b.set, b.index)].unsteered for b in mine])
+        return out
+
+    def baseline_summary(self) -> dict[str, Any]:
+        """``baseline_rates`` per set that the baselines answered, and over every benign set (``all_benign``)."""
+        sets = list(dict.fromkeys(b.set for b in self.baselines))
+        out: dict[str, Any] = {"baselines": self.baseline_names(), **{n: self.baseline_rates(n) for n in sets}}
+        out["all_benign"] = self.baseline_rates(BENIGN_SETS)
+        return out
+
     def summary(self) -> dict[str, Any]:
         """The headline numbers, and the criteria checked on benign = every benign and risky-looking prompt
         (held-out split and evaluation-only set together)."""
@@ -186,9 +232,10 @@ class EvalResult:
         """The result ``to_json`` wrote (``results.json``): re-render a report without generating again."""
         tuples = ("fired", "flagged_unsteered", "flagged_steered", "fired_parent")
         replies = [Reply(**{k: tuple(v) if k in tuples and v is not None else v for k, v in r.items()}) for r in data["replies"]]
+        baselines = [BaselineReply(**{**b, "fired": tuple(b.get("fired", ()))}) for b in data.get("baseline_replies", [])]
         criteria = Criteria(**data["criteria"]) if data.get("criteria") else DEFAULT_CRITERIA  # reports before criteria were stored used these
         return cls(dict(data["policy"]), data["model"], replies, dict(data["sets"]), dict(data["settings"]), command=data.get("command", ""),
-                   date=data.get("date", ""), criteria=criteria, parent=data.get("parent"))
+                   date=data.get("date", ""), criteria=criteria, parent=data.get("parent"), baselines=baselines)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -205,6 +252,7 @@ class EvalResult:
             "operating": self.operating(),
             "versus_parent": self.versus_parent(),
             "replies": [asdict(r) for r in self.replies],
+            **({"baselines": self.baseline_summary(), "baseline_replies": [asdict(b) for b in self.baselines]} if self.baselines else {}),
         }
 
 
@@ -315,9 +363,28 @@ def _tables(result: EvalResult) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append((f"`{child}` against `{par}` where they differ (parent -> child; the parent's decisions by classify on the same prompts)",
                     ["Category", "Response", "Sensitivity", "Threshold", "Recall (held-out harmful, n)", "False positives (held-out benign)"], rows))
     out.append(("Pass/fail criteria", ["Criterion", "Measured", "Result"], bars))
+    if result.baselines:
+        out.append(_baseline_table(result))
     if rd["n"]:
         out.append((f"Harmful prompts answered by redirection (n={rd['n']})", ["Measure", "Unsteered", "Steered"], redirect))
     return out
+
+
+def _baseline_table(result: EvalResult) -> tuple[str, list[str], list[list[str]]]:
+    """The policy beside the baselines on the same rows: refusal per set, identical replies over every benign set."""
+    bs = result.baseline_summary()
+    names = bs["baselines"]
+    labels = dict(BASELINE_ROWS)
+    order = [n for n, _ in BASELINE_ROWS if n in bs] + [n for n in bs if n not in labels and n not in ("baselines", "all_benign")]
+    rows = [[labels.get(n, f"{n} refused"), str(bs[n]["n"]), _pct(bs[n]["refusal_unsteered"]), _pct(bs[n]["refusal_steered"]),
+             *[_pct(bs[n][f"refusal_{b}"]) for b in names]] for n in order]
+    ben = bs["all_benign"]
+    if ben["n"]:
+        rows.insert(min(3, len(rows)), ["All benign replies identical to unsteered", str(ben["n"]), "100.0%", _pct(ben["identical_steered"]),
+                                        *[_pct(ben[f"identical_{b}"]) for b in names]])
+    n = result.settings.get("baseline_n")
+    title = "Policy against baselines on the same prompts" + (f" (the first {n} of each set)" if n else "")
+    return title, ["Measure", "n", "Unsteered", f"Policy {result.policy['name']}", *names], rows
 
 
 def _opt(x: float | None) -> str:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..._hashing import stable_hash as _sha
+from ...errors import EvaluationError
 from ..refusal import PhraseJudge, RefusalJudge
-from .report import DEFAULT_CRITERIA, Criteria, EvalResult, Reply
+from . import baselines as bl
+from .baselines import BASELINES
+from .report import DEFAULT_CRITERIA, BaselineReply, Criteria, EvalResult, Reply
 from .sets import EvalSets, _check_count, answer_correct
 
 __all__ = ["evaluate", "steered_replies", "unsteered_replies"]
@@ -95,6 +99,9 @@ def evaluate(
     compare_parent: bool = True,
     criteria: Criteria = DEFAULT_CRITERIA,
     command: str = "",
+    baselines: Sequence[str] = (),
+    baseline_n: int | None = None,
+    direction_prompts: Sequence[str] | None = None,
 ) -> EvalResult:
     """Generate unsteered and steered replies for every set and judge them.
 
@@ -109,6 +116,9 @@ def evaluate(
     ``compare_parent``: for a policy that ``extends`` another, the parent's decisions on every prompt
     (``classify``, no generation), so the report shows the two side by side where they differ.
     ``criteria``: the pass/fail thresholds the report checks and labels.
+    ``baselines``: names of ``baselines.BASELINES`` to run on the first ``baseline_n`` prompts of every set (all when
+    None; capability questions excepted), with the same judge; ``direction_prompts`` replaces the train-split prompts
+    the ``dense_direction`` baseline's direction is computed from.
     """
     import torch
 
@@ -116,6 +126,9 @@ def evaluate(
 
     _check_count("max_new_tokens", max_new_tokens, 1)
     _check_count("batch_size", batch_size, 1)
+    baselines = _check_baselines(baselines)
+    if baseline_n is not None:
+        _check_count("baseline_n", baseline_n, 1)
     pol = Policy.load(policy)
     pack = _pack_of(llm)
     resolved = _resolve(pol, pack)
@@ -123,6 +136,7 @@ def evaluate(
     parent_pol = _parent_of(pol) if compare_parent else None
     judge = judge or PhraseJudge()
     replies: list[Reply] = []
+    generated: list[tuple[str, list[Any], list[str]]] = []
     for name, prompts, cats in _groups(sets):
         if not prompts:
             continue
@@ -131,6 +145,7 @@ def evaluate(
         steered = steered_replies(llm, prompts, pol, max_new_tokens=max_new_tokens, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
                                   desc=f"policy {pol.name}: {name}", identity=identity)
         texts = [t for t, _ in steered]
+        generated.append((name, prompts, plain))
         ref_u = judge.judge(prompts, plain)
         ref_s = judge.judge(prompts, texts)
         flags_u: list[tuple[str, ...] | None] = [None] * len(prompts)
@@ -151,6 +166,8 @@ def evaluate(
             shown = f"[{wrapped[i].template}] {wrapped[i].prompt}" if wrapped else prompt  # templates are long
             replies.append(Reply(name, cats[i], shown, plain[i], texts[i], bool(ref_u[i]), bool(ref_s[i]),
                                  steered[i][1], correct_u, correct_s, flags_u[i], flags_s[i], by_parent[i]))
+    extra = _baseline_replies(llm, pol, resolved, generated, baselines, judge=judge, n=baseline_n, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, cache_dir=cache_dir, progress=progress, direction_prompts=direction_prompts)
     info = {**_policy_info(pol, resolved, pack), "source": str(policy) if not isinstance(policy, Policy) else "<object>"}
     parent = None
     if parent_pol is not None:
@@ -163,8 +180,67 @@ def evaluate(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    if baselines:
+        settings.update(baselines=list(baselines), baseline_n=baseline_n, **extra.pop("settings"))
     return EvalResult(info, llm.model_name, replies, sets.description, settings, command=command,
-                      date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), criteria=criteria, parent=parent)
+                      date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), criteria=criteria, parent=parent,
+                      baselines=extra.get("rows", []))
+
+
+def _check_baselines(names: Any) -> tuple[str, ...]:
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    out = tuple(n.strip() for n in names)
+    bad = [n for n in out if n not in BASELINES]
+    if bad:
+        raise EvaluationError(f"unknown baseline {bad[0]!r}; the baselines are {', '.join(BASELINES)}")
+    return tuple(dict.fromkeys(out))
+
+
+def _baseline_replies(llm: Any, pol: Any, resolved: Any, generated: list[tuple[str, list[Any], list[str]]], names: Sequence[str], *, judge: RefusalJudge,
+                      n: int | None, max_new_tokens: int, batch_size: int, cache_dir: str | Path | None, progress: bool,
+                      direction_prompts: Sequence[str] | None) -> dict[str, Any]:
+    """Each baseline's replies to the first ``n`` prompts of every set but the capability questions (see ``baselines``)."""
+    if not names:
+        return {}
+    groups = [(name, prompts[:n], plain[:n]) for name, prompts, plain in generated if name != "capability"]
+    rows: list[BaselineReply] = []
+    settings: dict[str, Any] = {}
+    dense = None
+    if "dense_direction" in names:
+        layer, positions, strength = bl.refusal_norm(llm, resolved)
+        vectors = bl.dense_refusal_direction(llm, layer, prompts=direction_prompts, cache_dir=cache_dir, progress=progress)
+        dense = bl.dense_policy(pol, resolved, vectors, layer=layer, strength=strength, positions=positions)
+        dense_resolved = _resolve(dense, _pack_of(llm))
+        settings["dense_direction"] = {"layer": layer, "strength": round(strength, 4), "positions": positions, "vector_file": vectors.name,
+                                       "direction_prompts": "given" if direction_prompts is not None else "train split, select part (selection_data)"}
+    for name, prompts, plain in groups:
+        shown = [_judged(p) for p in prompts]
+        for b in names:
+            if b == "system_prompt":
+                out = unsteered_replies(llm, [bl.with_system_prompt(p) for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                        cache_dir=cache_dir, progress=progress, desc=f"system_prompt: {name}")
+                fired: list[tuple[str, ...]] = [()] * len(prompts)
+            elif b == "self_check":
+                blocked = bl.self_check_blocked(llm, prompts, batch_size=batch_size)
+                out = [bl.BLOCK_MESSAGE if x else t for x, t in zip(blocked, plain, strict=True)]
+                fired = [("self_check",) if x else () for x in blocked]
+            else:
+                both = steered_replies(llm, prompts, dense, max_new_tokens=max_new_tokens, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+                                       desc=f"dense_direction: {name}", identity=dense_resolved.hash)
+                out, fired = [t for t, _ in both], [f for _, f in both]
+            refused = judge.judge(shown, out)
+            rows += [BaselineReply(b, name, i, out[i], bool(refused[i]), tuple(fired[i])) for i in range(len(prompts))]
+    settings["system_prompt"] = bl.SAFETY_SYSTEM_PROMPT if "system_prompt" in names else None
+    settings["self_check"] = {"prompt": bl.SELF_CHECK_PROMPT, "block_message": bl.BLOCK_MESSAGE} if "self_check" in names else None
+    return {"rows": rows, "settings": {"baseline_settings": {k: v for k, v in settings.items() if v is not None}}}
+
+
+def _judged(prompt: Any) -> str:
+    """What the judge reads as the prompt: the text, or a conversation's last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
 def _pack_of(llm: Any) -> Any:
