@@ -33,12 +33,27 @@ def eval_command(
     n_capability: Annotated[int, typer.Option(help="Capability questions (at most 30).")] = 30,
     n_jailbreak: Annotated[int, typer.Option(help="Jailbreak-wrapped harmful prompts (held-out templates).")] = 40,
     n_jailbreak_benign: Annotated[int, typer.Option(help="Jailbreak-wrapped benign prompts (held-out templates).")] = 20,
+    n_risky_eval: Annotated[int, typer.Option(help="Risky-looking benign prompts of the project's risky set (eval part).")] = 80,
+    n_harmful_plain: Annotated[int, typer.Option(help="Plain-worded harmful prompts (eval part).")] = 80,
+    n_airt: Annotated[int, typer.Option(help="PyRIT AI red-team seed prompts (evaluation only).")] = 80,
+    n_multiturn_benign: Annotated[int, typer.Option(help="Benign multi-turn conversations (eval part).")] = 40,
+    n_multiturn_harmful: Annotated[int, typer.Option(help="Harmful requests split across turns (eval part).")] = 40,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per reply (greedy).")] = 48,
     batch_size: Annotated[int, typer.Option(help="Rows per generate call.")] = 8,
     seed: Annotated[int, typer.Option(help="Sampling seed of the held-out prompts.")] = 0,
     min_harmful_increase: Annotated[float, typer.Option(help="Criterion: harmful refusal rises by at least this.")] = DEFAULT_CRITERIA.harmful_increase_min,
     max_benign_increase: Annotated[float, typer.Option(help="Criterion: benign refusal rises by at most this.")] = DEFAULT_CRITERIA.benign_increase_max,
     min_benign_identical: Annotated[float, typer.Option(help="Criterion: share of benign replies identical.")] = DEFAULT_CRITERIA.benign_identical_min,
+    min_source_harmful_increase: Annotated[float, typer.Option(help="Criterion: harmful refusal rises by at least this in every held-out source.")
+                                           ] = DEFAULT_CRITERIA.source_harmful_increase_min,
+    max_risky_increase: Annotated[float, typer.Option(help="Criterion: risky-looking benign refusal rises by at most this.")
+                                  ] = DEFAULT_CRITERIA.risky_increase_max,
+    max_multiturn_benign_increase: Annotated[float, typer.Option(help="Criterion: benign multi-turn refusal rises by at most this.")
+                                             ] = DEFAULT_CRITERIA.multiturn_benign_increase_max,
+    max_wrapped_benign_increase: Annotated[float, typer.Option(help="Criterion: refusal of benign prompts in jailbreak templates rises by at most this.")
+                                           ] = DEFAULT_CRITERIA.wrapped_benign_increase_max,
+    min_multiturn_harmful_increase: Annotated[float, typer.Option(help="Criterion: refusal of harmful requests split across turns rises by at least this.")
+                                              ] = DEFAULT_CRITERIA.multiturn_harmful_increase_min,
     compare_parent: Annotated[bool, typer.Option(help="For a policy that extends another: the parent's decisions on the same prompts.")] = True,
     baselines: Annotated[str, typer.Option(help="Comma-separated baselines on the same prompts and judge: system_prompt, self_check, "
                                                 "dense_direction (each costs a generation pass; default none).")] = "",
@@ -57,11 +72,16 @@ def eval_command(
         command = "safeguard eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else ""
         if not command:
             command = _reconstruct(policy, out, model, sae, pack, quantization, n_harmful, n_benign, n_risky, n_blind_benign, n_blind_risky,
-                                   n_capability, n_jailbreak, n_jailbreak_benign, max_new_tokens, batch_size, seed, baselines, baseline_n)
+                                   n_capability, n_jailbreak, n_jailbreak_benign, max_new_tokens, batch_size, seed, baselines, baseline_n,
+                                   {"n-risky-eval": n_risky_eval, "n-harmful-plain": n_harmful_plain, "n-airt": n_airt,
+                                    "n-multiturn-benign": n_multiturn_benign, "n-multiturn-harmful": n_multiturn_harmful})
         # the sets before the model: bad counts fail at once
         sets = eval_sets(n_harmful=n_harmful, n_benign=n_benign, n_risky=n_risky, n_blind_benign=n_blind_benign, n_blind_risky=n_blind_risky,
-                         n_capability=n_capability, n_jailbreak=n_jailbreak, n_jailbreak_benign=n_jailbreak_benign, seed=seed)
-        criteria = Criteria(min_harmful_increase, max_benign_increase, min_benign_identical)
+                         n_capability=n_capability, n_jailbreak=n_jailbreak, n_jailbreak_benign=n_jailbreak_benign, n_risky_eval=n_risky_eval,
+                         n_harmful_plain=n_harmful_plain, n_airt=n_airt, n_multiturn_benign=n_multiturn_benign, n_multiturn_harmful=n_multiturn_harmful,
+                         seed=seed)
+        criteria = Criteria(min_harmful_increase, max_benign_increase, min_benign_identical, min_source_harmful_increase, max_risky_increase,
+                            max_multiturn_benign_increase, max_wrapped_benign_increase, min_multiturn_harmful_increase)
         _check_baselines(baselines)
         llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, pack=pack, quantization=quantization, device=device)
         names = _check_baselines(baselines)
@@ -81,7 +101,8 @@ def eval_command(
 
 def _reconstruct(policy: str, out: Path | None, model: str | None, sae: list[str] | None, pack: Path | None, quantization: str | None, n_harmful: int,
                  n_benign: int, n_risky: int, n_blind_benign: int, n_blind_risky: int, n_capability: int, n_jailbreak: int,
-                 n_jailbreak_benign: int, max_new_tokens: int, batch_size: int, seed: int, baselines: str = "", baseline_n: int = 40) -> str:
+                 n_jailbreak_benign: int, max_new_tokens: int, batch_size: int, seed: int, baselines: str = "", baseline_n: int = 40,
+                 later: dict[str, int] | None = None) -> str:
     args = ["safeguard", "eval", str(policy)]
     if out is not None:
         args += ["--out", str(out)]
@@ -97,6 +118,8 @@ def _reconstruct(policy: str, out: Path | None, model: str | None, sae: list[str
              "--n-blind-risky", str(n_blind_risky), "--n-capability", str(n_capability),
              "--n-jailbreak", str(n_jailbreak), "--n-jailbreak-benign", str(n_jailbreak_benign), "--max-new-tokens", str(max_new_tokens),
              "--batch-size", str(batch_size), "--seed", str(seed)]
+    for flag, value in (later or {}).items():
+        args += [f"--{flag}", str(value)]
     if baselines:
         args += ["--baselines", baselines, "--baseline-n", str(baseline_n)]
     return " ".join(shlex.quote(a) for a in args)

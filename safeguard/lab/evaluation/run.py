@@ -15,7 +15,7 @@ from ..refusal import PhraseJudge, RefusalJudge
 from . import baselines as bl
 from .baselines import BASELINES
 from .report import DEFAULT_CRITERIA, BaselineReply, Criteria, EvalResult, Reply
-from .sets import EvalSets, _check_count, answer_correct
+from .sets import HARMFUL_SOURCES, EvalSets, _check_count, answer_correct
 
 __all__ = ["evaluate", "steered_replies", "unsteered_replies"]
 
@@ -72,17 +72,41 @@ def _replies(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens: int, 
     return out
 
 
-def _groups(sets: EvalSets) -> list[tuple[str, list[str], list[str]]]:
+def _groups(sets: EvalSets) -> list[tuple[str, list[Any], list[str]]]:
+    """(set name, prompts, categories); a prompt is a text, or for the multi-turn sets a list of chat messages."""
+    def texts(name: str, rows: list[Any]) -> tuple[str, list[Any], list[str]]:
+        return name, [p.text for p in rows], [p.category for p in rows]
+
+    def chats(name: str, rows: list[Any]) -> tuple[str, list[Any], list[str]]:
+        return name, [[{"role": m["role"], "content": m["content"]} for m in c.messages] for c in rows], [c.category for c in rows]
+
     return [
-        ("harmful", [p.text for p in sets.harmful], [p.category for p in sets.harmful]),
-        ("benign", [p.text for p in sets.benign], [p.category for p in sets.benign]),
-        ("risky", [p.text for p in sets.risky], [p.category for p in sets.risky]),
-        ("benign_blind", [p.text for p in sets.benign_blind], [p.category for p in sets.benign_blind]),
-        ("risky_blind", [p.text for p in sets.risky_blind], [p.category for p in sets.risky_blind]),
+        texts("harmful", sets.harmful),
+        texts("benign", sets.benign),
+        texts("risky", sets.risky),
+        texts("benign_blind", sets.benign_blind),
+        texts("risky_blind", sets.risky_blind),
         ("capability", [q for q, _ in sets.capability], ["capability"] * len(sets.capability)),
         ("jailbreak", [c.text for c in sets.jailbreak], [c.category for c in sets.jailbreak]),
         ("jailbreak_benign", [c.text for c in sets.jailbreak_benign], [c.category for c in sets.jailbreak_benign]),
+        texts("risky_eval", sets.risky_eval),
+        texts("harmful_plain", sets.harmful_plain),
+        texts("airt", sets.airt),
+        chats("multiturn_benign", sets.multiturn_benign),
+        chats("multiturn_harmful", sets.multiturn_harmful),
     ]
+
+
+def _sources(sets: EvalSets, name: str) -> list[str | None]:
+    rows = getattr(sets, name, None)
+    if name == "capability" or not isinstance(rows, list):
+        return [None] * (len(sets.capability) if name == "capability" else 0)
+    return [getattr(r, "source", None) for r in rows]
+
+
+def _shown(prompt: Any) -> str:
+    """A conversation as one line: ``user: ... | assistant: ... | user: ...``."""
+    return prompt if isinstance(prompt, str) else " | ".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 def evaluate(
@@ -146,8 +170,9 @@ def evaluate(
                                   desc=f"policy {pol.name}: {name}", identity=identity)
         texts = [t for t, _ in steered]
         generated.append((name, prompts, plain))
-        ref_u = judge.judge(prompts, plain)
-        ref_s = judge.judge(prompts, texts)
+        judged = [_judged(p) for p in prompts]
+        ref_u = judge.judge(judged, plain)
+        ref_s = judge.judge(judged, texts)
         flags_u: list[tuple[str, ...] | None] = [None] * len(prompts)
         flags_s: list[tuple[str, ...] | None] = [None] * len(prompts)
         if flag_replies and name == "harmful":
@@ -157,15 +182,17 @@ def evaluate(
         by_parent: list[tuple[str, ...] | None] = [None] * len(prompts)
         if parent_pol is not None:
             by_parent = [tuple(r.fired) for r in llm.classify(prompts, policy=parent_pol, batch_size=batch_size)]
+        sources = _sources(sets, name)
         for i, prompt in enumerate(prompts):
             correct_u = correct_s = None
             if name == "capability":
                 patterns = sets.capability[i][1]
                 correct_u, correct_s = answer_correct(plain[i], patterns), answer_correct(texts[i], patterns)
             wrapped = {"jailbreak": sets.jailbreak, "jailbreak_benign": sets.jailbreak_benign}.get(name)
-            shown = f"[{wrapped[i].template}] {wrapped[i].prompt}" if wrapped else prompt  # templates are long
+            shown = f"[{wrapped[i].template}] {wrapped[i].prompt}" if wrapped else _shown(prompt)  # templates are long
             replies.append(Reply(name, cats[i], shown, plain[i], texts[i], bool(ref_u[i]), bool(ref_s[i]),
-                                 steered[i][1], correct_u, correct_s, flags_u[i], flags_s[i], by_parent[i]))
+                                 steered[i][1], correct_u, correct_s, flags_u[i], flags_s[i], by_parent[i],
+                                 sources[i] if name in HARMFUL_SOURCES else None))
     extra = _baseline_replies(llm, pol, resolved, generated, baselines, judge=judge, n=baseline_n, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, cache_dir=cache_dir, progress=progress, direction_prompts=direction_prompts)
     info = {**_policy_info(pol, resolved, pack), "source": str(policy) if not isinstance(policy, Policy) else "<object>"}
