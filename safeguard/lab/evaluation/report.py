@@ -360,7 +360,7 @@ def _tables(result: EvalResult) -> list[tuple[str, list[str], list[list[str]]]]:
         ["Capability questions", _pct(cap["fired"])],
         ["Jailbreak-wrapped harmful", _pct(jb["fired"])],
         *([["Jailbreak-wrapped benign", _pct(s["jailbreak_benign"]["fired"])]] if s["jailbreak_benign"]["n"] else []),
-        *[[label.removesuffix(" refused"), _pct(s[n]["fired"])] for n, label in LATER_SETS.items() if s[n]["n"]],
+        *[[label.replace(" refused", ""), _pct(s[n]["fired"])] for n, label in LATER_SETS.items() if s[n]["n"]],
     ]
     cats = [
         [c, "yes" if v["enforced"] else "no", result.policy["responses"].get(c, ""), str(v["n"]), _pct(v["fired"]),
