@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import os
 import shutil
@@ -50,7 +49,7 @@ def variants(base: list[dict], w_norm: dict[int, float]) -> dict[str, tuple[str,
     zero = [{**base[0], "strength": 0.0}]
     return {
         "a": ("today's steering (3 features, add, prompt positions)", {"steer": base}, None),
-        "b1": ("clamp the 3 refusal features on prompt positions (value = strength / |W_dec row|)", {"steer": clamp}, None),
+        "b1": ("clamp the 3 refusal features on prompt positions (value = strength / norm of the decoder row)", {"steer": clamp}, None),
         "b2": ("clamp the 3 features at half that value on prompt and generated positions", {"steer": clamp_both}, None),
         "c1": ("today's 3 features at 0.5x strength", {"steer": half}, None),
         "c2": ("a single feature (the first, 1558) at full strength", {"steer": base[:1]}, None),
@@ -62,7 +61,7 @@ def variants(base: list[dict], w_norm: dict[int, float]) -> dict[str, tuple[str,
     }
 
 
-def write_pack(folder: Path, refusal: dict, dense: "object | None" = None) -> Path:
+def write_pack(folder: Path, refusal: dict, dense: object | None = None) -> Path:
     import yaml
 
     data = yaml.safe_load((BUNDLED / "pack.yaml").read_text())
@@ -71,7 +70,7 @@ def write_pack(folder: Path, refusal: dict, dense: "object | None" = None) -> Pa
     if dense is not None:
         from safetensors.torch import save_file
 
-        save_file({c: dense.contiguous() for c in data["categories"]}, str(folder / "dense.safetensors"))
+        save_file({c: dense.clone().contiguous() for c in data["categories"]}, str(folder / "dense.safetensors"))
         data["redirect"] = {"file": "dense.safetensors", "layer": STEER_LAYER, "strength": round(0.5 * RESIDUAL_NORM, 3), "positions": "prompt"}
     else:
         shutil.copy(BUNDLED / "pack.vectors.safetensors", folder / "pack.vectors.safetensors")
@@ -79,7 +78,7 @@ def write_pack(folder: Path, refusal: dict, dense: "object | None" = None) -> Pa
     return folder / "pack.yaml"
 
 
-def dense_direction(llm) -> "object":
+def dense_direction(llm) -> object:
     """Mean layer-20 residual over prefilled refusal replies minus over the model's own compliant replies, on the 60
     select-part prompts of docs/eval/opener_choice.json (never validation or held-out prompts), unit norm."""
     from safeguard.lab.selection.activations import collect_reply_stats
@@ -174,7 +173,8 @@ def main() -> int:
     plain_ref = sum(is_refusal(plain[i][0]) for i in range(nh)) / nh
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "opener": OPENER, "prompts": {"harmful": nh, "harmless": len(harmless)},
+    Path(f"{out}.json").write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "opener": OPENER,
+                                               "prompts": {"harmful": nh, "harmless": len(harmless)},
                                                "fired_rows": fired_rows, "unsteered_harmful_refusal": plain_ref, "table": table,
                                                "replies": replies}, indent=1) + "\n")
     write_report(out, table, plain_ref, nh, len(harmless), fired_rows, LABELS)
