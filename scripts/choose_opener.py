@@ -65,12 +65,10 @@ def main() -> int:
     torch.set_num_threads(1)
     from safeguard import SteeredLLM
     from safeguard._hashing import stable_hash
+    from safeguard.lab.audit import judge_reply
     from safeguard.lab.refusal import is_refusal
     from safeguard.lab.selection.data import selection_data
-    from safeguard.runtime.openers import MAX_OPENER
-
-    from safeguard.lab.audit import judge_reply
-    from safeguard.runtime.openers import opener_tokens
+    from safeguard.runtime.openers import MAX_OPENER, opener_tokens
 
     prompts = sorted(selection_data().harmful_select, key=lambda p: stable_hash("opener", p.text))[: args.n]
     llm = SteeredLLM.from_pretrained()
