@@ -267,7 +267,7 @@ def test_select_writes_a_pack_with_levels_vectors_provenance_and_tables(llm, tmp
     assert sorted(pack.levels) == ["relaxed", "standard", "strict"] and all(lv.description for lv in pack.levels.values())
     assert pack.levels["standard"].max_false_positive_rate == 0.0 and pack.levels["strict"].max_false_positive_rate == 0.01
     # the refusal actions once, at the chosen strength; a redirect vector for every category
-    assert {a.kind for a in pack.refusal} == {"add"} and len(pack.refusal) <= 2 and res.chosen.strength in (0.5, 1.0) and len(res.sweep) == 2
+    assert {a.kind for a in pack.refusal.steer} == {"add"} and len(pack.refusal.steer) <= 2 and res.chosen.strength in (0.5, 1.0) and len(res.sweep) == 2
     assert pack.redirect.file == "pack.vectors.safetensors" and pack.redirect.layer == 2 and pack.redirect.positions == "both"
     vectors = load_file(str(pack.file(pack.redirect.file)))
     assert set(vectors) == set(pack.categories) and all(v.shape == (32,) and v.abs().sum() > 0 for v in vectors.values())

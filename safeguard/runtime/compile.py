@@ -41,6 +41,9 @@ class ResolvedCategory:
     reply_threshold: float | None = None
     """Set when the category also watches the reply as it is generated (the pack's ``reply`` threshold, the policy's
     ``watch_reply`` on); ``None``: decided at the prompt only."""
+    opener: str | None = None
+    """The text forced as the start of this category's refusals (the pack's ``refusal.opener``, unless the policy
+    turns it off); ``None`` for other responses and for explicit ``steer`` blocks."""
 
     @property
     def threshold(self) -> float:
@@ -112,7 +115,7 @@ def resolve(policy: Policy, pack: Pack | None) -> ResolvedPolicy:
         elif response == "refuse":
             if pack is None:
                 raise PolicyError(f"{where}: categories.{cid} refuses, but no pack is loaded and it gives no explicit steer block")
-            steer = [(a, None) for a in pack.refusal]
+            steer = [(a, None) for a in pack.refusal.steer]
         elif response == "redirect":
             if pack is None or pack.redirect is None:
                 raise PolicyError(f"{where}: categories.{cid} redirects, but " + (f"pack {pack.id!r} ships no redirect vectors" if pack is not None
@@ -125,8 +128,10 @@ def resolve(policy: Policy, pack: Pack | None) -> ResolvedPolicy:
                                   f"{detect.layer} has decided; use positions: generated or a layer >= {detect.layer}")
         label = rule.label or (pc.label if pc is not None else cid.replace("_", " ").capitalize())
         reply = pc.reply.threshold if pc is not None and pc.reply is not None and not explicit_detect and policy.watches_reply(cid) else None
+        opener = pack.refusal.opener if pack is not None and response == "refuse" and rule.steer is None and policy.opener_of(cid) else None
         out.append(ResolvedCategory(cid, label, response, detect, tuple(steer) if response in ("refuse", "redirect") else (), sens,
-                                    policy.message_of(cid) if response == "block" else None, fpr, recall, rule.note, reply))
+                                    policy.message_of(cid) if response == "block" else None, fpr, recall, rule.note, reply_threshold=reply,
+                                    opener=opener))
     explicit = any(r.detect is not None or r.steer is not None for r in policy.categories.values())
     if explicit and pack is not None and policy.sae is not None and policy.sae != pack.sae:
         raise PolicyError(f"{where}: field 'sae' is {policy.sae!r}, but pack {pack.id!r} indexes {pack.sae!r}")

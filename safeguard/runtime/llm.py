@@ -20,6 +20,7 @@ behind a running generation; a call resolves its policy before it takes the mode
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import numbers
@@ -41,6 +42,7 @@ from .batching import BatchingConfig, MicroBatcher, Settings
 from .compile import resolve
 from .models import LoadedModel, load_model
 from .names import same_model
+from .openers import ForceOpener, uses_openers
 from .pack import Pack, find_pack
 from .policy import Policy
 from .policy import is_shipped_name as _is_shipped_name
@@ -547,12 +549,14 @@ class SteeredLLM:
 
         def finish(row: int, gen: list[int], reason: str | None) -> None:
             results[row] = r = self._row_result(prompts[row], run, row, gen, reason, max_new[row], row_stops[row], int(attn[row].sum()),
-                                                extra.get("max_time") is not None, time.perf_counter() - t0)
+                                                extra.get("max_time") is not None, time.perf_counter() - t0,
+                                                opener=force is not None and row in force.forced)
             spans[row].record_result(r)
             spans[row].end()
             if on_done is not None:
                 on_done(row, r)
 
+        force: ForceOpener | None = None
         rows = _Rows(self.tokenizer, ids.shape[1], max_new, row_stops, eos, whens, finish, on_piece)
         run.row_done = rows.done  # an ended row's reply is no longer watched
         kw["streamer"] = rows
@@ -561,6 +565,11 @@ class SteeredLLM:
             from transformers import LogitsProcessorList
 
             kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), _EndBlockedRows(run, sorted(eos))])
+        if uses_openers(policies):  # refusing rows start with the pack's opener (openers.py); other rows untouched
+            from transformers import LogitsProcessorList
+
+            force = ForceOpener(run, self.tokenizer, ids.shape[1])
+            kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), force])
         dev = self.device
         try:
             with self._model_lock, torch.inference_mode():
@@ -578,7 +587,7 @@ class SteeredLLM:
         return [r for r in results if r is not None]
 
     def _row_result(self, prompt: Any, run: RunState, row: int, gen: list[int], reason: str | None, max_new: int, stops: list[str],
-                    prompt_tokens: int, max_time: bool, total: float) -> GenerationResult:
+                    prompt_tokens: int, max_time: bool, total: float, opener: bool = False) -> GenerationResult:
         """One row's reply from its generated tokens and why it ended (see ``_Rows``)."""
         eos = self._eos_ids()
         n = next((i for i, t in enumerate(gen) if t in eos), None)
@@ -590,6 +599,8 @@ class SteeredLLM:
         if cut is not None:
             text, finish = text[:cut], "stop"
         report = SteeringReport.from_run(run, row, total)
+        if opener:
+            report = dataclasses.replace(report, opener=True)
         if report.blocked:  # its category's message is the reply (blocked at the prompt: nothing was generated)
             in_reply = any(d.fired and d.where == "reply" and d.response == "block" for d in report.decisions)
             text, gen, finish = report.message or "", gen if in_reply else [], "content_filter"

@@ -15,6 +15,10 @@ a pack says *how* one model does it. ``safeguard select`` writes packs; people w
       strict:   {max_false_positive_rate: 0.02, description: "..."}
     refusal:                                 # the refusal steering actions, defined once
       - {kind: add, layer: 20, feature: 1558, strength: 140.3, positions: prompt}
+    # or, with an opener forced as the first tokens of a refused reply (see runtime/openers.py):
+    # refusal:
+    #   opener: "I'm sorry, but I can't help with that."   # one line, at most 120 characters
+    #   steer: [{kind: add, layer: 20, feature: 1558, strength: 140.3, positions: prompt}]
     redirect: {file: pack.vectors.safetensors, layer: 20, strength: 1.0, positions: both}   # a key per category
     provenance: pack.provenance.json         # command, data, versions, date (sidecar, beside the pack)
     categories:
@@ -52,7 +56,7 @@ from ._files import contained_path, read_yaml, stat_key
 from .names import same_model
 from .policy import SLUG, AddAction, ClampAction, Detect, Strict, Taxonomy, check_slugs, describe_validation
 
-__all__ = ["LEVELS", "OperatingPoint", "Pack", "PackCategory", "ReplyDetect", "bundled_packs", "find_pack"]
+__all__ = ["LEVELS", "OperatingPoint", "Pack", "PackCategory", "Refusal", "ReplyDetect", "bundled_packs", "find_pack"]
 
 LEVELS = ("relaxed", "standard", "strict")
 PACK_SCHEMA_VERSION = 1
@@ -143,6 +147,22 @@ class Redirect(Strict):
 RefusalAction = Annotated[AddAction | ClampAction, Field(discriminator="kind")]
 
 
+class Refusal(Strict):
+    """How the pack's model refuses: the steering actions, and optionally an opener forced as the reply's first
+    tokens (``runtime/openers.py``). A plain list of actions in the file is read as ``{steer: [...]}``."""
+
+    steer: list[RefusalAction] = Field(min_length=1)
+    opener: str | None = None
+    """One line of at most 120 characters in the model's own refusal style; ``null``: no opener."""
+
+    @field_validator("opener")
+    @classmethod
+    def _opener(cls, v: str | None) -> str | None:
+        from .openers import check_opener
+
+        return None if v is None else check_opener(v)
+
+
 class Pack(Strict):
     """A validated detector pack. Load it with ``Pack.load(path)`` (cached by path, size and mtime)."""
 
@@ -154,7 +174,7 @@ class Pack(Strict):
     measured: bool = False
     description: str = ""
     levels: dict[str, Level]
-    refusal: list[RefusalAction] = Field(min_length=1)
+    refusal: Refusal
     redirect: Redirect | None = None
     provenance: str | None = None
     """File name of the provenance sidecar (JSON) beside the pack."""
@@ -162,6 +182,11 @@ class Pack(Strict):
     base_dir: Annotated[str, Field(exclude=True)] = "."
     raw_hash: Annotated[str, Field(exclude=True)] = ""
     """SHA-256 of the pack file's bytes (set by ``load``)."""
+
+    @field_validator("refusal", mode="before")
+    @classmethod
+    def _refusal(cls, v: Any) -> Any:
+        return {"steer": v} if isinstance(v, list) else v
 
     @field_validator("levels")
     @classmethod
@@ -220,7 +245,10 @@ class Pack(Strict):
         """SHA-256 of the canonical pack and of the redirect vector file's bytes (provenance excluded: it changes nothing)."""
         import json
 
-        h = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
+        body = self.model_dump(mode="json")
+        if self.refusal.opener is None:  # a pack without an opener hashes as it did when the section was a list
+            body["refusal"] = body["refusal"]["steer"]
+        h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
         if self.redirect is not None:
             vec = self.file(self.redirect.file)
             h.update(vec.read_bytes() if vec.is_file() else b"<missing>")

@@ -170,6 +170,8 @@ class Defaults(Strict):
     watch_reply: Annotated[bool, Field(exclude_if=lambda v: v is True)] = True
     """Also score the reply while it is generated, for the categories whose pack gives a ``reply`` threshold (a
     category that fires in the reply gets its response from the next token on). ``false`` decides at the prompt only."""
+    opener: bool = True
+    """Whether ``refuse`` categories start the reply with the pack's refusal opener (when the pack gives one)."""
 
 
 class CategoryRule(Strict):
@@ -180,6 +182,8 @@ class CategoryRule(Strict):
     max_false_positive_rate: float | None = Field(default=None, ge=0, le=1)
     """Instead of a named sensitivity: the pack's operating point with at most this false-positive rate."""
     message: str | None = Field(default=None, min_length=1)
+    opener: bool | None = None
+    """``refuse`` only: ``false`` turns the pack's refusal opener off for this category (default: ``defaults.opener``)."""
     note: str | None = None
     """Why: free text for reviewers, never interpreted."""
     watch_reply: Annotated[bool | None, Field(exclude_if=lambda v: v is None)] = None
@@ -301,7 +305,13 @@ class Policy(Strict):
     def content_hash(self) -> str:
         """SHA-256 of the resolved policy, of every file in its ``extends`` chain and of the vector files its
         explicit blocks use. (The pack and the SAE weights join it when it is compiled for a model.)"""
-        h = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode())
+        body = self.model_dump(mode="json")
+        if body["defaults"]["opener"] is True:  # policies that leave openers as they are hash as before the field existed
+            del body["defaults"]["opener"]
+        for rule in body["categories"].values():
+            if rule.get("opener") is None:
+                rule.pop("opener", None)
+        h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
         for _, digest in self.chain:
             h.update(digest.encode())
         for slug, r in sorted(self.categories.items()):
@@ -335,6 +345,11 @@ class Policy(Strict):
         if r.max_false_positive_rate is not None:
             return r.max_false_positive_rate
         return r.sensitivity or self.defaults.sensitivity
+
+    def opener_of(self, category: str) -> bool:
+        """Whether this category's refusals may start with the pack's opener."""
+        r = self.rule(category)
+        return self.defaults.opener if r.opener is None else r.opener
 
     def message_of(self, category: str) -> str:
         return self.rule(category).message or self.defaults.message

@@ -67,6 +67,8 @@ class SteeringReport:
     message: str | None = None
     """The block message, when ``action == "block"``."""
     shadow: tuple[ShadowReport, ...] = ()
+    opener: bool = False
+    """Whether the reply was started with the pack's refusal opener (forced tokens; ``runtime/openers.py``)."""
 
     @property
     def fired(self) -> tuple[str, ...]:
