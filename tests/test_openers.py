@@ -167,3 +167,34 @@ def test_the_refusal_section_refuses_unknown_keys_and_needs_steer(tmp_path):
 def test_check_opener_accepts_the_shipped_style():
     assert check_opener(OPENER) == OPENER
     assert check_opener("x" * MAX_OPENER)
+
+
+def test_a_pack_may_refuse_with_a_dense_vector_and_its_bytes_are_hashed(tiny_model, tokenizer, saes, tmp_path):
+    """A pack's refusal may be a dense vector (the dense refusal direction) in its vector file: it steers exactly as
+    the same vector given as a policy's explicit steer block, and changing its bytes changes the pack hash."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = write_tiny_pack(tmp_path / "dense")
+    vec_file = path.parent / "pack.vectors.safetensors"
+    vectors = load_file(str(vec_file))
+    vectors["_refusal_direction"] = torch.randn(vectors["cyber"].shape, generator=torch.Generator().manual_seed(3))
+    save_file(vectors, str(vec_file))
+    action = {"kind": "vector", "layer": 2, "file": "pack.vectors.safetensors", "key": "_refusal_direction", "strength": 3.0, "positions": "both"}
+    data = yaml.safe_load(path.read_text())
+    data["refusal"] = {"steer": [action]}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    llm = llm_with(path, tiny_model, tokenizer, saes)
+    from_pack = llm.generate("hello there", policy=Policy.from_dict(policy_v2(cyber={"response": "refuse"}, fraud={"response": "off"})), **KW)
+    assert list(from_pack.report.fired) == ["cyber"] and from_pack.report.action == "refuse"
+    explicit = {**policy_v2(cyber={"response": "refuse", "steer": [action]}, fraud={"response": "off"}), "model": "tiny-llama", "sae": "tiny-sae"}
+    (tmp_path / "explicit").mkdir()
+    save_file(vectors, str(tmp_path / "explicit" / "pack.vectors.safetensors"))
+    (tmp_path / "explicit" / "p.yaml").write_text(yaml.safe_dump(explicit))
+    by_policy = llm.generate("hello there", policy=Policy.load(tmp_path / "explicit" / "p.yaml"), **KW)
+    unsteered = llm.generate("hello there", steer=False, **KW)
+    assert from_pack.text == by_policy.text != unsteered.text
+    before = Pack.load(path).content_hash
+    vectors["_refusal_direction"] = vectors["_refusal_direction"] * 2
+    save_file(vectors, str(vec_file))
+    assert Pack.model_validate({**data, "base_dir": str(path.parent)}).content_hash != before

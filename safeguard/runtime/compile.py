@@ -115,7 +115,7 @@ def resolve(policy: Policy, pack: Pack | None) -> ResolvedPolicy:
         elif response == "refuse":
             if pack is None:
                 raise PolicyError(f"{where}: categories.{cid} refuses, but no pack is loaded and it gives no explicit steer block")
-            steer = [(a, None) for a in pack.refusal.steer]
+            steer = [(a, pack.base_dir if isinstance(a, VectorAction) else None) for a in pack.refusal.steer]
         elif response == "redirect":
             if pack is None or pack.redirect is None:
                 raise PolicyError(f"{where}: categories.{cid} redirects, but " + (f"pack {pack.id!r} ships no redirect vectors" if pack is not None

@@ -54,7 +54,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ..errors import PolicyError
 from ._files import contained_path, read_yaml, stat_key
 from .names import same_model
-from .policy import SLUG, AddAction, ClampAction, Detect, Strict, Taxonomy, check_slugs, describe_validation
+from .policy import SLUG, AddAction, ClampAction, Detect, Strict, Taxonomy, VectorAction, check_slugs, describe_validation
 
 __all__ = ["LEVELS", "OperatingPoint", "Pack", "PackCategory", "Refusal", "ReplyDetect", "bundled_packs", "find_pack"]
 
@@ -144,7 +144,9 @@ class Redirect(Strict):
     positions: Literal["prompt", "generated", "both"] = "both"
 
 
-RefusalAction = Annotated[AddAction | ClampAction, Field(discriminator="kind")]
+RefusalAction = Annotated[AddAction | ClampAction | VectorAction, Field(discriminator="kind")]
+"""A refusal action: an SAE feature's decoder direction added or its activation clamped, or a dense vector (the
+dense refusal direction, say) read from a safetensors file beside the pack."""
 
 
 class Refusal(Strict):
@@ -202,7 +204,7 @@ class Pack(Strict):
 
     @model_validator(mode="after")
     def _files(self) -> Pack:
-        for name in (self.redirect.file if self.redirect else None, self.provenance):
+        for name in (self.redirect.file if self.redirect else None, self.provenance, *self._refusal_files()):
             if name is not None:
                 contained_path(self.base_dir, name, where=f"pack {self.id!r}")
         return self
@@ -249,10 +251,14 @@ class Pack(Strict):
         if self.refusal.opener is None:  # a pack without an opener hashes as it did when the section was a list
             body["refusal"] = body["refusal"]["steer"]
         h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())
-        if self.redirect is not None:
-            vec = self.file(self.redirect.file)
+        for name in dict.fromkeys([*([self.redirect.file] if self.redirect is not None else []), *self._refusal_files()]):
+            vec = self.file(name)
             h.update(vec.read_bytes() if vec.is_file() else b"<missing>")
         return h.hexdigest()
+
+    def _refusal_files(self) -> list[str]:
+        """The vector files the refusal actions read (a dense refusal direction), in order."""
+        return list(dict.fromkeys(a.file for a in self.refusal.steer if isinstance(a, VectorAction)))
 
     @property
     def short_hash(self) -> str:
