@@ -1,0 +1,167 @@
+"""``SelectConfig``: every setting of ``select``, checked before any model runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...errors import SelectionError
+from .calibration import CURVE_TARGETS, RELAX_MARGIN, STRICT_FPR
+from .generalize import DetectConfig
+
+POSITIONS = ("prompt", "generated", "both")
+
+DETECT_CONFIGS = (
+    DetectConfig(16, 12, 1e-2),
+    DetectConfig(32, 12, 1e-2),
+    DetectConfig(32, 24, 1e-2),
+    DetectConfig(32, 24, 1e-1),
+    DetectConfig(64, 32, 1e-1),
+    DetectConfig(64, 48, 1.0),
+)
+"""The detector configurations leave-one-source-out validation chooses among (``generalize``)."""
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Every setting of ``select`` (see its docstring and the package docstring). Sequences are kept as tuples."""
+
+    categories: Sequence[str] | None = None
+    """The categories the pack detects (default: every harm category with at least ``min_prompts`` select-part prompts)."""
+    pack_id: str | None = None
+    """The pack's id, a slug (default: the SAE release)."""
+    description: str = ""
+    """The pack's description (default: one naming its categories and layers)."""
+    detect_layer: int = 10
+    """The layer whose SAE features detect categories."""
+    steer_layer: int = 20
+    """The layer whose SAE features steer refusals, and where redirect vectors are added."""
+    n_detect_features: int | None = None
+    """Fix the features kept per detector (with ``n_detect_candidates``: one configuration, no leave-one-source-out choice)."""
+    n_detect_candidates: int | None = None
+    """Fix the candidate features per detector (see ``n_detect_features``)."""
+    detect_configs: Sequence[DetectConfig] = DETECT_CONFIGS
+    """The detector configurations leave-one-source-out validation chooses among."""
+    loso_fpr: float = 0.02
+    """Leave-one-source-out thresholds: this false-positive rate on the validation benign prompts."""
+    n_steer_features: int = 3
+    """Refusal features the pack steers with."""
+    n_candidates: int = 8
+    """Refusal candidates that the causal check tries."""
+    max_decoder_cos: float = 0.7
+    """Refusal candidates' decoder rows have at most this cosine with each other."""
+    min_prompts: int = 10
+    """Default categories: those with at least this many select-part prompts."""
+    max_per_category: int = 80
+    """Select-part prompts per category and source family in the statistics (sampled by seed)."""
+    n_refusal_pairs: int = 160
+    """Harmful prompts with a prefilled refusal and a compliant reply, for refusal features."""
+    n_causal_prompts: int = 12
+    """Prompts the causal check steers each refusal candidate on."""
+    causal_strength: float = 1.0
+    """The causal check's strength, in units of the steer-layer residual norm."""
+    positions: str = "prompt"
+    """Where refusal features are added: ``prompt``, ``generated`` or ``both``."""
+    strengths: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    """The strength sweep's grid, in units of the steer-layer residual norm."""
+    strength: float | None = None
+    """Skip the sweep and use this strength."""
+    n_val_harmful: int = 32
+    """Validation harmful prompts in the strength sweep."""
+    n_val_benign: int = 32
+    """Validation benign prompts in the strength sweep."""
+    threshold_margin: float | None = None
+    """Fix the ``standard`` margin instead of choosing it per category on the validation part."""
+    max_val_fpr: float = 0.02
+    """Margins fall while at most this share of validation benign prompts fires any category."""
+    min_margin: float = 0.0
+    """The lowest margin the per-category choice tries."""
+    relax_margin: float = RELAX_MARGIN
+    """The ``relaxed`` level's margin on top of the ``standard`` one."""
+    strict_fpr: float = STRICT_FPR
+    """The ``strict`` level's false-positive rate on the calibration benign scores."""
+    curve_targets: Sequence[float] = CURVE_TARGETS
+    """The false-positive rates of each category's curve of thresholds."""
+    max_benign_increase: float = 0.04
+    """The sweep's chosen strength raises benign refusals by at most this much."""
+    redirect_strength: float = 1.0
+    """The strength of the redirect vectors, written in the pack."""
+    reply_detection: bool = True
+    """Calibrate thresholds for detection while the reply is written."""
+    n_reply_benign: int = 160
+    """Select-part harmless prompts whose unsteered replies place the reply thresholds."""
+    reply_margin: float = 0.2
+    """Reply thresholds sit this share of the gap above the highest benign reply score."""
+    detect_reduce: str = "max"
+    """How detection pools feature activations over the user's tokens: ``max`` or ``mean``."""
+    n_wrapped_harmful: int = 200
+    """Select-part harmful prompts wrapped in the train jailbreak templates (detection positives)."""
+    n_wrapped_harmless: int | None = None
+    """Select-part harmless prompts wrapped likewise (default: at the harmful ones' rate)."""
+    seed: int = 0
+    """Seeds the data split, every sample of prompts and the probes' folds."""
+    tables: str | Path | None = None
+    """The folder of the feature tables and plots (default: ``selection/`` beside the pack)."""
+    max_new_tokens: int = 48
+    """Tokens generated per prompt in the strength sweep."""
+    batch_size: int = 8
+    """Prompts per batch in the strength sweep."""
+
+    def __post_init__(self) -> None:
+        for name in ("categories", "detect_configs", "strengths", "curve_targets"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        if self.detect_reduce not in ("max", "mean"):
+            raise SelectionError(f"detect_reduce must be 'max' or 'mean', not {self.detect_reduce!r}")
+        if self.positions not in POSITIONS:
+            raise SelectionError(f"positions must be one of {list(POSITIONS)}, not {self.positions!r}")
+        if self.n_wrapped_harmful < 0 or (self.n_wrapped_harmless is not None and self.n_wrapped_harmless < 0):
+            raise SelectionError(f"n_wrapped_harmful and n_wrapped_harmless count prompts (>= 0), got {self.n_wrapped_harmful} and "
+                                 f"{self.n_wrapped_harmless}")
+        if self.relax_margin < 0 or not 0 <= self.strict_fpr < 1 or any(not 0 <= r < 1 for r in self.curve_targets):
+            raise SelectionError(f"relax_margin must be >= 0 and strict_fpr and curve_targets rates in [0, 1); got {self.relax_margin}, "
+                                 f"{self.strict_fpr}, {list(self.curve_targets)}")
+        if self.pack_id is not None:
+            check_pack_id(self.pack_id)
+        if not self.detector_configs:
+            raise SelectionError("detect_configs: give at least one detector configuration")
+
+    @property
+    def detector_configs(self) -> list[DetectConfig]:
+        """The configurations to choose among: ``detect_configs``, or the one that ``n_detect_*`` fix."""
+        if self.n_detect_candidates is not None or self.n_detect_features is not None:  # a fixed configuration: no choice to make
+            return [DetectConfig(self.n_detect_candidates or 16, self.n_detect_features or 12, 1e-2)]
+        return list(self.detect_configs)
+
+    @classmethod
+    def settings(cls) -> list[str]:
+        """The names of every setting."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def of(cls, config: SelectConfig | None = None, settings: Mapping[str, Any] | None = None) -> SelectConfig:
+        """``config`` (default: the defaults) with ``settings`` replaced; an unknown setting is an error that lists the valid ones."""
+        settings = dict(settings or {})
+        valid = cls.settings()
+        unknown = [k for k in settings if k not in valid]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise SelectionError(f"select: unknown setting{'s' if len(unknown) > 1 else ''} {said}; valid settings: {', '.join(valid)}")
+        if config is None:
+            return cls(**settings)
+        return dataclasses.replace(config, **settings) if settings else config
+
+
+def check_pack_id(pack_id: str) -> None:
+    """Refuse a pack id that is not a slug."""
+    from ...runtime.policy import SLUG
+
+    if not re.match(SLUG, pack_id):
+        raise SelectionError(f"pack id {pack_id!r} must be a slug (lower case, digits, '_' or '-'); pass pack_id")
