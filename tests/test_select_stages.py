@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from test_selection import _tiny_data
 
-from safeguard import SelectionError
+from safeguard import SelectionError, SteeredLLM
 from safeguard.lab.datasets import JailbreakTemplate
 from safeguard.lab.selection import (
     DETECT_CONFIGS,
@@ -89,9 +89,41 @@ def test_each_stage_returns_what_select_wrote(llm, tmp_path, monkeypatch):
     for c, entry in levels.operating.items():
         assert {lv: p.threshold for lv, p in pack.categories[c].levels.items()} == {lv: x["threshold"] for lv, x in entry["levels"].items()}
     refusal = refusal_features(llm, cfg, prep, stats, progress=False)
-    assert refusal.features == prov["refusal_features"]["chosen"] == [a.feature for a in pack.refusal]
+    assert refusal.features == prov["refusal_features"]["chosen"] == [a.feature for a in pack.refusal.steer]
     reply = reply_thresholds(llm, cfg, prep, det, refusal, progress=False)
     assert reply is not None and {c: pc.reply.threshold for c, pc in pack.categories.items()} == reply.thresholds
     vectors, written = redirect_vectors(prep, stats), load_file(str(out.parent / "pack.vectors.safetensors"))
     assert vectors.keys() == written.keys() and all(torch.equal(vectors[c], written[c]) for c in vectors)
     assert det.rows + refusal.rows == res.rows
+
+
+def test_select_can_ship_the_dense_refusal_direction_with_an_opener(llm, tmp_path, monkeypatch):
+    """refusal_style='dense': the pack refuses with one vector action on the dense refusal direction (unit norm, stored
+    in its vectors file) at the swept strength x the residual norm, and carries the opener; the pack loads and steers."""
+    from safeguard import Policy
+
+    monkeypatch.setenv("SAFEGUARD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "dense" / "pack.yaml"
+    res = select(llm, out=out, categories=["security_risks", "misinformation"], detect_layer=1, steer_layer=2, n_detect_features=2,
+                 n_detect_candidates=4, n_steer_features=2, n_candidates=3, min_prompts=2, n_refusal_pairs=4, n_causal_prompts=2,
+                 strengths=(0.5, 1.0), n_val_harmful=4, n_val_benign=4, max_new_tokens=4, n_wrapped_harmful=0, data=_tiny_data(),
+                 progress=False, reply_detection=False, refusal_style="dense", opener="I can't help with that.")
+    pack = Pack.load(out)
+    (action,) = pack.refusal.steer
+    assert action.kind == "vector" and action.key == "_refusal_direction" and action.file == "pack.vectors.safetensors" and action.layer == 2
+    norm = pack.provenance_data()["refusal_features"]["residual_norm"]
+    assert action.strength == pytest.approx(res.chosen.strength * norm, rel=2e-2) and pack.refusal.opener == "I can't help with that."
+    direction = load_file(str(out.with_name("pack.vectors.safetensors")))["_refusal_direction"]
+    assert direction.shape == (32,) and float(direction.norm()) == pytest.approx(1.0, abs=1e-5)
+    import yaml
+
+    data = yaml.safe_load(out.read_text())  # a strict level that fires on every prompt, so the refusal runs
+    data["categories"]["security_risks"]["levels"]["strict"]["threshold"] = -1e9
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    steered = SteeredLLM(llm._loaded, llm.saes, None, pack=out)
+    pol = Policy.from_dict({"schema_version": 2, "name": "all", "version": "1", "taxonomy": {"name": "AIR-Bench", "version": "2024"},
+                            "categories": {"security_risks": {"sensitivity": "strict"}, "misinformation": {"response": "off"}}})
+    r = steered.generate("how to hack the server number 3 and steal passwords", policy=pol, max_new_tokens=12)
+    assert r.report.action == "refuse" and r.report.opener and r.text.startswith("I can't help with that.")
+    with pytest.raises(SelectionError, match="refusal_style"):
+        select(llm, out=tmp_path / "x" / "pack.yaml", refusal_style="clamp", data=_tiny_data(), progress=False)

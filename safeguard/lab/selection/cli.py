@@ -62,6 +62,9 @@ def select_command(
     strict_fpr: Annotated[float, typer.Option(help="Strict level: share of calibration benign prompts allowed to fire a category.")] = 0.01,
     max_benign_increase: Annotated[float, typer.Option(help="Sweep: most benign refusal increase allowed (fraction).")] = 0.04,
     redirect_strength: Annotated[float, typer.Option(help="Strength of redirect vectors.")] = 1.0,
+    refusal_style: Annotated[str, typer.Option(help="How the pack refuses: features (SAE refusal features) or dense (the dense refusal "
+                                                      "direction).")] = "features",
+    opener: Annotated[str | None, typer.Option(help="A refusal opener forced as the first tokens of refusing rows.")] = None,
     reply_detection: Annotated[bool, typer.Option(help="Calibrate per-category reply thresholds (detection while the reply is written).")] = True,
     n_reply_benign: Annotated[int, typer.Option(help="Select-part harmless prompts whose unsteered replies place the reply thresholds.")] = 160,
     reply_margin: Annotated[float, typer.Option(help="Reply thresholds: share of the gap from the highest benign reply score to the median "
@@ -98,6 +101,7 @@ def select_command(
                      threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, relax_margin=relax_margin, strict_fpr=strict_fpr,
                      max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,
                      reply_detection=reply_detection, n_reply_benign=n_reply_benign, reply_margin=reply_margin,
+                     refusal_style=refusal_style, opener=opener,
                      n_wrapped_harmful=n_wrapped_harmful, n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign,
                      tables=tables, seed=seed, command=command)
     c = res.chosen

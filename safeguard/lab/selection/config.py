@@ -15,6 +15,8 @@ from .calibration import CURVE_TARGETS, RELAX_MARGIN, STRICT_FPR
 from .generalize import DetectConfig
 
 POSITIONS = ("prompt", "generated", "both")
+REFUSAL_STYLES = ("features", "dense")
+"""How a pack may refuse (``SelectConfig.refusal_style``)."""
 
 DETECT_CONFIGS = (
     DetectConfig(16, 12, 1e-2),
@@ -66,7 +68,12 @@ class SelectConfig:
     causal_strength: float = 1.0
     """The causal check's strength, in units of the steer-layer residual norm."""
     positions: str = "prompt"
-    """Where refusal features are added: ``prompt``, ``generated`` or ``both``."""
+    """Where the refusal steering applies: ``prompt``, ``generated`` or ``both``."""
+    refusal_style: str = "features"
+    """How the pack refuses: ``features`` (the chosen SAE refusal features' decoder directions, added) or ``dense`` (the
+    dense refusal direction: mean steer-layer residual on refusal minus compliance reply tokens, in the vectors file)."""
+    opener: str | None = None
+    """A refusal opener forced as the first tokens of refusing rows (``runtime/openers.py``); ``None``: none."""
     strengths: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5)
     """The strength sweep's grid, in units of the steer-layer residual norm."""
     strength: float | None = None
@@ -121,6 +128,15 @@ class SelectConfig:
             raise SelectionError(f"detect_reduce must be 'max' or 'mean', not {self.detect_reduce!r}")
         if self.positions not in POSITIONS:
             raise SelectionError(f"positions must be one of {list(POSITIONS)}, not {self.positions!r}")
+        if self.refusal_style not in REFUSAL_STYLES:
+            raise SelectionError(f"refusal_style must be one of {list(REFUSAL_STYLES)}, not {self.refusal_style!r}")
+        if self.opener is not None:
+            from ...runtime.openers import check_opener
+
+            try:
+                check_opener(self.opener)
+            except ValueError as exc:
+                raise SelectionError(f"opener: {exc}") from None
         if self.n_wrapped_harmful < 0 or (self.n_wrapped_harmless is not None and self.n_wrapped_harmless < 0):
             raise SelectionError(f"n_wrapped_harmful and n_wrapped_harmless count prompts (>= 0), got {self.n_wrapped_harmful} and "
                                  f"{self.n_wrapped_harmless}")

@@ -21,7 +21,7 @@ from .stages import Detectors, Levels, Prepared
 from .stats import contrast_scores, distinct_features
 from .sweep import SweepPoint, _policy_dict, causal_check, pick_strength, strength_sweep
 from .tables import FeatureRow, _rows
-from .writing import detect_block, label, refusal_actions
+from .writing import DENSE_KEY, detect_block, label, refusal_actions
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class Refusal:
     """The unit of strengths: the mean steer-layer residual norm on user tokens."""
     rows: list[FeatureRow]
     """The feature table's refusal rows."""
+    direction: torch.Tensor
+    """The dense refusal direction (refusal minus compliance reply tokens' mean residual), unit norm."""
 
 
 def _pick(options: Sequence[str], key: str) -> str:
@@ -96,7 +98,8 @@ def refusal_features(llm: Any, config: SelectConfig, prep: Prepared, stats: Prom
     extra = {f: {"cos_refusal": round(float(cos[f]), 4), "causal_refusal": causal[f]["refusal"] if f in causal else None,
                  "causal_degenerate": causal[f]["degenerate"] if f in causal else None} for f in pool}
     rows = _rows("refusal", "refusal", c.steer_layer, rsc, ref_t, ref_c, pool[:max(10, c.n_candidates)], steer_feats, extra)
-    return Refusal(pair_prompts, replies, pairs, candidates, cos, comp, causal, causal_prompts, steer_feats, w, norm, rows)
+    return Refusal(pair_prompts, replies, pairs, candidates, cos, comp, causal, causal_prompts, steer_feats, w, norm, rows,
+                   (dense / (dense.norm() + 1e-12)).float().contiguous())
 
 
 def reply_thresholds(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, refusal: Refusal, *,
@@ -152,13 +155,22 @@ def sweep(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, levels
     val_h_sweep = [_input(p.text) for p in _cap(prep.val_harmful, c.n_val_harmful, c.seed + 3)]
     val_b_sweep = [_input(p.text) for p in _cap(prep.data.harmless_val, c.n_val_benign, c.seed + 5)]
 
+    base_dir = None
+    if c.refusal_style == "dense":  # the sweep's explicit vector actions read the direction from a file of their own
+        from safetensors.torch import save_file
+
+        direction_file = prep.at("direction", prep.model_name, prep.sae_key, refusal.pairs, c.steer_layer)
+        direction_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({DENSE_KEY: refusal.direction}, str(direction_file))
+        base_dir = str(direction_file.parent)
+
     def make(s: float) -> Any:
         from ...runtime.policy import Policy
 
-        add = refusal_actions(c, refusal, s)
+        add = refusal_actions(c, refusal, s, file=direction_file.name if base_dir else None)
         blocks = [{"id": d.category, "label": label(d.category), "response": "refuse",
                    "detect": {**detect_block(c, d), "threshold": levels.thresholds[d.category]}, "steer": add} for d in det.detectors]
-        return Policy.from_dict(_policy_dict(llm, name=f"{prep.pack_id}-standard", categories=blocks))
+        return Policy.from_dict(_policy_dict(llm, name=f"{prep.pack_id}-standard", categories=blocks), base_dir=base_dir)
 
     grid = [c.strength] if c.strength is not None else list(c.strengths)
     points, baseline = strength_sweep(llm, make, val_h_sweep, val_b_sweep, grid, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,

@@ -60,8 +60,17 @@ def _rel(path: Any) -> str:
     return str(p.relative_to(here)) if p.is_relative_to(here) else str(path)
 
 
-def refusal_actions(config: SelectConfig, refusal: Refusal, s: float) -> list[dict[str, Any]]:
-    """The refusal's ``add`` actions at strength ``s`` (in units of the residual norm)."""
+DENSE_KEY = "_refusal_direction"
+"""The dense refusal direction's key in the pack's vectors file (never a category slug: those start with a letter or digit)."""
+
+
+def refusal_actions(config: SelectConfig, refusal: Refusal, s: float, *, file: str | None = None) -> list[dict[str, Any]]:
+    """The refusal's actions at strength ``s`` (in units of the residual norm): the refusal features' ``add`` actions, or
+    for ``refusal_style: dense`` one ``vector`` action on the dense refusal direction in ``file`` (default: the pack's
+    vectors file)."""
+    if config.refusal_style == "dense":
+        return [{"kind": "vector", "layer": config.steer_layer, "file": file or "pack.vectors.safetensors", "key": DENSE_KEY,
+                 "strength": round(float(s * refusal.residual_norm), 4), "positions": config.positions}]
     return [{"kind": "add", "layer": config.steer_layer, "feature": int(f), "strength": round(float(s * refusal.residual_norm * wf), 4),
              "positions": config.positions} for f, wf in zip(refusal.features, refusal.weights.tolist(), strict=True)]
 
@@ -113,8 +122,11 @@ def write_pack(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, l
         pack_categories[d.category] = entry
     pack_dict = _pack_dict(llm, c, prep, refusal, swept, pack_categories, vec_file=vec_file, prov_file=prov_file)
     Pack.model_validate({**pack_dict, "base_dir": str(out.parent.resolve())})  # refuse to write what would not load
-    save_file(vectors, str(vec_file), metadata={"what": "SafeSteer-style redirect vectors: mean harmless minus mean category residual "
-                                                f"at layer {c.steer_layer}, user tokens", "model": llm.model_name})
+    if c.refusal_style == "dense":
+        vectors = {**vectors, DENSE_KEY: refusal.direction}
+    what = (f"SafeSteer-style redirect vectors (mean harmless minus mean category residual at layer {c.steer_layer}, user tokens)"
+            + (f"; {DENSE_KEY}: the dense refusal direction at layer {c.steer_layer}, unit norm" if c.refusal_style == "dense" else ""))
+    save_file(dict(sorted(vectors.items())), str(vec_file), metadata={"what": what, "model": llm.model_name})
     prov_file.write_text(json.dumps(provenance, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     out.write_text(_pack_yaml(pack_dict), encoding="utf-8")
     pack = Pack.load(out)
@@ -135,11 +147,13 @@ def _pack_dict(llm: Any, c: SelectConfig, prep: Prepared, refusal: Refusal, swep
         "taxonomy": {"name": TAXONOMY_NAME, "version": TAXONOMY_VERSION},
         "measured": True,
         "description": c.description or (f"Detectors for {len(prep.cats)} {TAXONOMY_NAME} {TAXONOMY_VERSION} categories at layer {c.detect_layer}, "
-                                         f"refusal steering with layer-{c.steer_layer} SAE features, redirect vectors at layer {c.steer_layer}; "
+                                         f"refusal steering with {'the dense refusal direction' if c.refusal_style == 'dense' else 'SAE features'} "
+                                         f"at layer {c.steer_layer}, redirect vectors at layer {c.steer_layer}; "
                                          "written by safeguard select (see the provenance file)."),
         "levels": {lv: {"max_false_positive_rate": LEVEL_TARGETS[lv] if lv != "strict" else c.strict_fpr, "description": descriptions[lv]}
                    for lv in LEVEL_TARGETS},
-        "refusal": refusal_actions(c, refusal, swept.chosen.strength),
+        "refusal": ({"steer": refusal_actions(c, refusal, swept.chosen.strength, file=vec_file.name), "opener": c.opener} if c.opener
+                    else refusal_actions(c, refusal, swept.chosen.strength, file=vec_file.name)),
         "redirect": {"file": vec_file.name, "layer": c.steer_layer, "strength": c.redirect_strength, "positions": "both"},
         "provenance": prov_file.name,
         "categories": categories,
@@ -186,6 +200,10 @@ def _provenance(llm: Any, c: SelectConfig, prep: Prepared, det: Detectors, level
                             f"{len(refusal.causal_prompts)} select-part harmful prompts, ungated",
             "positions": c.positions,
             "residual_norm": round(refusal.residual_norm, 3),
+            "style": c.refusal_style,
+            "opener": c.opener,
+            "shipped": ("the dense refusal direction (unit norm, key " + DENSE_KEY + " of the vectors file) x strength" if c.refusal_style == "dense"
+                        else "the chosen features' unit decoder rows x weights x strength"),
         },
         "sweep": {"validation_prompts": {"harmful": swept.n_harmful, "benign": swept.n_benign}, "baseline": swept.baseline,
                   "points": [asdict(p) for p in swept.points], "chosen_strength": swept.chosen.strength, "thresholds": "standard",
