@@ -86,7 +86,7 @@ def self_check_blocked(llm: Any, prompts: Sequence[str | Sequence[Mapping[str, s
     out: list[bool] = []
     for lo in range(0, len(prompts), batch_size):
         checks = [template.format(conversation=_transcript(p)) for p in prompts[lo:lo + batch_size]]
-        ids, attn, _ = llm._encode(checks, True, 1)
+        ids, attn, *_ = llm._encode(checks, True, 1)
         dev = llm.device
         with llm._model_lock, torch.inference_mode():
             logits = llm.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=generate_positions(attn).to(dev)).logits[:, -1].float()
