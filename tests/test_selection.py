@@ -121,6 +121,9 @@ def test_the_sweep_picks_the_expected_strength_on_a_synthetic_curve():
     tie = [pt(0.3, 0.5, 0.0), pt(0.5, 0.5, 0.0)]
     assert pick_strength(tie, 0.0).strength == 0.3  # ties go to the weaker strength
     assert pick_strength([pt(0.5, 0.9, 0.5)], 0.0).strength == 0.5  # nothing feasible: the weakest
+    # objective "acceptable": the most refusals a product can show, even where more replies contain a refusal phrase
+    shown = [SweepPoint(0.25, 0.60, 0.0, 1.0, 0.0, 0.9, 0.0, 0.50), SweepPoint(0.75, 0.70, 0.0, 1.0, 0.0, 0.9, 0.0, 0.20)]
+    assert pick_strength(shown, 0.0, objective="acceptable").strength == 0.25 and pick_strength(shown, 0.0).strength == 0.75
 
 
 def test_sweep_plot_is_a_small_png(tmp_path):

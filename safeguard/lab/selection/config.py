@@ -94,6 +94,9 @@ class SelectConfig:
     """The ``strict`` level's false-positive rate on the calibration benign scores."""
     curve_targets: Sequence[float] = CURVE_TARGETS
     """The false-positive rates of each category's curve of thresholds."""
+    sweep_objective: str = "acceptable"
+    """What the sweep maximises within the benign budget: ``acceptable`` refusals (the audit proxy's coherent refusals
+    that fit the request, then any refusal) or ``refusal`` (any refusal phrase)."""
     max_benign_increase: float = 0.04
     """The sweep's chosen strength raises benign refusals by at most this much."""
     redirect_strength: float = 1.0
@@ -128,6 +131,8 @@ class SelectConfig:
             raise SelectionError(f"detect_reduce must be 'max' or 'mean', not {self.detect_reduce!r}")
         if self.positions not in POSITIONS:
             raise SelectionError(f"positions must be one of {list(POSITIONS)}, not {self.positions!r}")
+        if self.sweep_objective not in ("acceptable", "refusal"):
+            raise SelectionError(f"sweep_objective must be 'acceptable' or 'refusal', not {self.sweep_objective!r}")
         if self.refusal_style not in REFUSAL_STYLES:
             raise SelectionError(f"refusal_style must be one of {list(REFUSAL_STYLES)}, not {self.refusal_style!r}")
         if self.opener is not None:

@@ -175,7 +175,7 @@ def sweep(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, levels
     grid = [c.strength] if c.strength is not None else list(c.strengths)
     points, baseline = strength_sweep(llm, make, val_h_sweep, val_b_sweep, grid, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
                                       progress=progress)
-    chosen = pick_strength(points, baseline["benign_refusal"], max_benign_increase=c.max_benign_increase)
+    chosen = pick_strength(points, baseline["benign_refusal"], max_benign_increase=c.max_benign_increase, objective=c.sweep_objective)
     return Sweep(points, baseline, chosen, len(val_h_sweep), len(val_b_sweep))
 
 
