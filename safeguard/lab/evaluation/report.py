@@ -75,6 +75,14 @@ class Reply:
     """Categories the parent policy (the one this policy ``extends``) fires on the prompt, by ``classify``."""
     source: str | None = None
     """Where a harmful prompt came from (``Prompt.source``), for the per-source criterion."""
+    fired_prompt: tuple[str, ...] | None = None
+    """Categories the policy fires on the prompt alone (``classify``: prefill only); ``fired`` minus these fired while
+    the reply was written (detection on generated tokens)."""
+
+    @property
+    def fired_in_reply(self) -> bool:
+        """Some category fired only once the reply was being written."""
+        return self.fired_prompt is not None and bool(set(self.fired) - set(self.fired_prompt))
 
     @property
     def identical(self) -> bool:
@@ -266,6 +274,18 @@ class EvalResult:
                 "blind": self.rates(("benign_blind", "risky_blind")), "all_benign": ben, "capability": self.rates("capability"),
                 "jailbreak": self.rates("jailbreak"), "jailbreak_benign": self.rates("jailbreak_benign"), "criteria": bar}
 
+    def reply_catches(self) -> dict[str, dict[str, float]]:
+        """Per set: the share of rows where a category fired only while the reply was written, and of those the share
+        refused (steered) and refused unsteered: what detection on generated tokens added, and what it cost."""
+        out = {}
+        for name in dict.fromkeys(r.set for r in self.replies):
+            rows = [r for r in self.of(name) if r.fired_prompt is not None]
+            late = [r for r in rows if r.fired_in_reply]
+            if rows:
+                out[name] = {"n": len(rows), "fired_in_reply": len(late) / len(rows), "n_fired_in_reply": len(late),
+                             "refused_steered": _rate([r.refused_steered for r in late]), "refused_unsteered": _rate([r.refused_unsteered for r in late])}
+        return out
+
     def by_source(self) -> dict[str, dict[str, float]]:
         """Refusal rates per held-out harmful source: per set of ``HARMFUL_SOURCES`` and ``Reply.source`` within it
         (``set:source``; the set's name alone where sources were not recorded)."""
@@ -280,7 +300,7 @@ class EvalResult:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> EvalResult:
         """The result ``to_json`` wrote (``results.json``): re-render a report without generating again."""
-        tuples = ("fired", "flagged_unsteered", "flagged_steered", "fired_parent")
+        tuples = ("fired", "flagged_unsteered", "flagged_steered", "fired_parent", "fired_prompt")
         replies = [Reply(**{k: tuple(v) if k in tuples and v is not None else v for k, v in r.items()}) for r in data["replies"]]
         baselines = [BaselineReply(**{**b, "fired": tuple(b.get("fired", ()))}) for b in data.get("baseline_replies", [])]
         criteria = Criteria(**data["criteria"]) if data.get("criteria") else DEFAULT_CRITERIA  # reports before criteria were stored used these
@@ -299,6 +319,7 @@ class EvalResult:
             "sets": self.sets,
             "summary": self.summary(),
             "by_category": self.by_category(),
+            "reply_catches": self.reply_catches(),
             "operating": self.operating(),
             "versus_parent": self.versus_parent(),
             "replies": [asdict(r) for r in self.replies],
@@ -394,6 +415,12 @@ def _tables(result: EvalResult) -> list[tuple[str, list[str], list[list[str]]]]:
         ("Share of prompts on which some category fired", ["Set", "Fired"], fired),
         ("Harmful prompts by category", ["Category", "Enforced", "Response", "n", "Fired", "Refused unsteered", "Refused steered"], cats),
     ]
+    late = result.reply_catches()
+    if any(v["n_fired_in_reply"] for v in late.values()):
+        out.append(("Fired only while the reply was written (detection on generated tokens)",
+                    ["Set", "n", "Fired in the reply", "Of those: refused unsteered", "Of those: refused steered"],
+                    [[k, str(v["n"]), f"{_pct(v['fired_in_reply'])} ({v['n_fired_in_reply']})", _pct(v["refused_unsteered"]), _pct(v["refused_steered"])]
+                     for k, v in late.items()]))
     op = result.operating()
     if op:
         n_benign = next(iter(op.values()))["n_benign"]

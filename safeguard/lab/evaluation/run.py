@@ -183,6 +183,7 @@ def evaluate(
         if parent_pol is not None:
             by_parent = [tuple(r.fired) for r in llm.classify(prompts, policy=parent_pol, batch_size=batch_size)]
         sources = _sources(sets, name)
+        at_prompt = [tuple(r.fired) for r in llm.classify(prompts, policy=pol, batch_size=batch_size)]  # prefill only: the rest fired in the reply
         for i, prompt in enumerate(prompts):
             correct_u = correct_s = None
             if name == "capability":
@@ -192,7 +193,7 @@ def evaluate(
             shown = f"[{wrapped[i].template}] {wrapped[i].prompt}" if wrapped else _shown(prompt)  # templates are long
             replies.append(Reply(name, cats[i], shown, plain[i], texts[i], bool(ref_u[i]), bool(ref_s[i]),
                                  steered[i][1], correct_u, correct_s, flags_u[i], flags_s[i], by_parent[i],
-                                 sources[i] if name in HARMFUL_SOURCES else None))
+                                 sources[i] if name in HARMFUL_SOURCES else None, at_prompt[i]))
     extra = _baseline_replies(llm, pol, resolved, generated, baselines, judge=judge, n=baseline_n, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, cache_dir=cache_dir, progress=progress, direction_prompts=direction_prompts)
     info = {**_policy_info(pol, resolved, pack), "source": str(policy) if not isinstance(policy, Policy) else "<object>"}
