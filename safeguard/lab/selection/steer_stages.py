@@ -7,8 +7,10 @@ in every one but ``redirect_vectors``, its costly passes cached under ``Prepared
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from .data import HARMLESS_GROUPS, Chat, _cached, _cap
 from .replies import ReplyCalibration, calibrate_reply_thresholds, reply_scores
 from .stages import Detectors, Levels, Prepared
 from .stats import contrast_scores, distinct_features
-from .sweep import SweepPoint, _policy_dict, causal_check, pick_strength, strength_sweep
+from .sweep import SweepPoint, causal_check, pick_strength, strength_sweep
 from .tables import FeatureRow, _rows
 from .writing import DENSE_KEY, detect_block, label, refusal_actions
 
@@ -155,22 +157,41 @@ def sweep(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, levels
     val_h_sweep = [_input(p.text) for p in _cap(prep.val_harmful, c.n_val_harmful, c.seed + 3)]
     val_b_sweep = [_input(p.text) for p in _cap(prep.data.harmless_val, c.n_val_benign, c.seed + 5)]
 
-    base_dir = None
-    if c.refusal_style == "dense":  # the sweep's explicit vector actions read the direction from a file of their own
-        from safetensors.torch import save_file
+    # each strength runs through a temporary pack, so the sweep measures what the pack will do: its refusal
+    # actions at that strength, its opener, every category refused at its standard threshold (no reply watching)
+    import tempfile
 
-        direction_file = prep.at("direction", prep.model_name, prep.sae_key, refusal.pairs, c.steer_layer)
-        direction_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({DENSE_KEY: refusal.direction}, str(direction_file))
-        base_dir = str(direction_file.parent)
+    import yaml
+    from safetensors.torch import save_file
+
+    from ...runtime.llm import SteeredLLM
+    from ...runtime.policy import Policy
+
+    tmp = Path(tempfile.mkdtemp(prefix="safeguard-sweep-"))
+    if c.refusal_style == "dense":
+        save_file({DENSE_KEY: refusal.direction}, str(tmp / "pack.vectors.safetensors"))
+    from ..datasets import TAXONOMY_NAME, TAXONOMY_VERSION
+
+    policy = Policy.from_dict({"schema_version": 2, "name": f"{prep.pack_id}-sweep", "version": "1",
+                               "taxonomy": {"name": TAXONOMY_NAME, "version": TAXONOMY_VERSION},
+                               "defaults": {"response": "refuse", "sensitivity": "standard", "watch_reply": False},
+                               "categories": {d.category: {} for d in det.detectors}})
 
     def make(s: float) -> Any:
-        from ...runtime.policy import Policy
-
-        add = refusal_actions(c, refusal, s, file=direction_file.name if base_dir else None)
-        blocks = [{"id": d.category, "label": label(d.category), "response": "refuse",
-                   "detect": {**detect_block(c, d), "threshold": levels.thresholds[d.category]}, "steer": add} for d in det.detectors]
-        return Policy.from_dict(_policy_dict(llm, name=f"{prep.pack_id}-standard", categories=blocks), base_dir=base_dir)
+        actions = refusal_actions(c, refusal, s)
+        pack = {"schema_version": 1, "id": prep.pack_id, "model": llm.model_name, "sae": prep.release,
+                "taxonomy": {"name": TAXONOMY_NAME, "version": TAXONOMY_VERSION}, "measured": False,
+                "levels": {lv: {"max_false_positive_rate": 0.0} for lv in ("relaxed", "standard", "strict")},
+                "refusal": {"steer": actions, "opener": c.opener} if c.opener else actions,
+                "categories": {d.category: {"label": label(d.category), "detect": detect_block(c, d),
+                                            "levels": {lv: {"threshold": levels.thresholds[d.category]} for lv in ("relaxed", "standard", "strict")}}
+                               for d in det.detectors}}
+        folder = tmp / f"s{s:g}"
+        folder.mkdir(exist_ok=True)
+        if c.refusal_style == "dense":
+            shutil.copy(tmp / "pack.vectors.safetensors", folder / "pack.vectors.safetensors")
+        (folder / "pack.yaml").write_text(yaml.safe_dump(pack, sort_keys=False))
+        return SteeredLLM(llm._loaded, llm.saes, None, pack=folder / "pack.yaml"), policy
 
     grid = [c.strength] if c.strength is not None else list(c.strengths)
     points, baseline = strength_sweep(llm, make, val_h_sweep, val_b_sweep, grid, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,

@@ -97,7 +97,8 @@ class SweepPoint:
 def strength_sweep(llm: Any, make_policy: Callable[[float], Any], harmful: Sequence[str], benign: Sequence[str], strengths: Sequence[float], *,
                    judge: Any = None, max_new_tokens: int = 48, batch_size: int = 8, progress: bool = True) -> tuple[list[SweepPoint], dict[str, float]]:
     """Generate the validation prompts unsteered and under the policy at each strength (same batches, so rows
-    that do not fire are identical); returns the points and the unsteered refusal rates."""
+    that do not fire are identical); returns the points and the unsteered refusal rates. ``make_policy(s)`` returns
+    a policy for ``llm``, or ``(runner, policy)``: a ``SteeredLLM`` over the same weights (another pack) and its policy."""
     from tqdm.auto import tqdm
 
     from ..audit import judge_reply
@@ -108,11 +109,12 @@ def strength_sweep(llm: Any, make_policy: Callable[[float], Any], harmful: Seque
     nh = len(harmful)
     kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
 
-    def run(policy: Any) -> list[Any]:  # the same chunks as the unsteered run, so rows that do not fire are identical
+    def run(made: Any) -> list[Any]:  # the same chunks as the unsteered run, so rows that do not fire are identical
+        runner, policy = made if isinstance(made, tuple) else (llm, made)  # (a SteeredLLM over a temporary pack, its policy)
         out: list[Any] = []
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo:lo + batch_size]
-            out += llm.batch(chunk, policy=policy, **kw)
+            out += runner.batch(chunk, policy=policy, **kw)
         return out
 
     from ..evaluation import unsteered_replies
