@@ -4,16 +4,19 @@
 # pack.vectors.safetensors, pack.provenance.json and the tables in selection/ beside it); `safeguard eval` then
 # measures each shipped policy (policies/default.yaml, eu.yaml, us.yaml: short files people write; regions are
 # edits of them, never a selection) against that pack on the held-out split.
-# Durations, one CPU thread each, measured 2026-12-02 on the shared 2-core machine: select 4 min 56 s with the
-# selection caches in ~/.cache/safeguard/selection warm (prompt statistics, pooled features, refusal replies, causal
-# check); filling them from cold took about 32 min (a run of the previous select, beside other work). eval 30-33 min
-# each for default and eu run side by side, 14 min for us alone (unsteered replies are cached in ~/.cache/safeguard/eval and shared by all three).
+# Durations, one CPU thread each, on the shared 2-core machine (2026-12-02, third selection): select from cold about
+# 35 min beside other work (prompt statistics 14 min, pooled candidates 8 min, model replies, causal check, reply
+# scores, sweep); with the caches in ~/.cache/safeguard/selection warm, the sweep alone (about 6 min). The eval
+# durations are in docs/policies.md. The opener is the model's own refusal style (scripts/choose_opener.py); the
+# refusal style, positions and strengths come from the comparison in docs/eval/refusal_styles.md (validation only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SG=${SG:-.venv/bin/safeguard}
 
-$SG select --out safeguard/bundled/smollm2-135m-instruct/pack.yaml
+$SG select --out safeguard/bundled/smollm2-135m-instruct/pack.yaml --refusal-style dense --positions generated \
+  --opener "I'm sorry, but I don't have the ability to help with that." --strengths 0.125,0.25,0.375,0.5 --max-val-fpr 0.04
 
-for name in default eu us; do
+$SG eval default --out docs/eval/default --baselines system_prompt,self_check,dense_direction --baseline-n 24
+for name in eu us; do
   $SG eval "$name" --out "docs/eval/$name"
 done
