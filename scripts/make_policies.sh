@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 SG=${SG:-.venv/bin/safeguard}
 
 $SG select --out safeguard/bundled/smollm2-135m-instruct/pack.yaml --refusal-style dense --positions generated \
-  --opener "I'm sorry, but I don't have the ability to help with that." --strengths 0.125,0.25,0.375,0.5 --max-val-fpr 0.04
+  --opener "I'm sorry, but I don't have the ability to help with that." --strengths 0.25,0.375,0.5 --max-val-fpr 0.04 --min-margin -1.0
 
 $SG eval default --out docs/eval/default --baselines system_prompt,self_check,dense_direction --baseline-n 24
 for name in eu us; do

@@ -41,8 +41,8 @@ def level_descriptions(*, max_val_fpr: float = 0.02, relax: float = RELAX_MARGIN
     return {
         "relaxed": f"Less sensitive than standard: each threshold a further {relax:g} of the gap from the highest benign calibration score "
                    "to the median harmful one above standard's, for deployments that fear over-refusal more than misses.",
-        "standard": "The default: a per-category margin above the highest benign calibration score, chosen so that at most "
-                    f"{max_val_fpr:.0%} of validation benign prompts fire any category.",
+        "standard": "The default: the highest benign calibration score moved by a per-category margin (a share of the gap to the median "
+                    f"harmful score; negative: below it), chosen so that at most {max_val_fpr:.0%} of validation benign prompts fire any category.",
         "strict": f"More sensitive: about {strict_fpr:.0%} of benign calibration prompts fire each category (never less sensitive than "
                   "standard).",
     }

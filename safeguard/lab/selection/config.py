@@ -87,7 +87,8 @@ class SelectConfig:
     max_val_fpr: float = 0.02
     """Margins fall while at most this share of validation benign prompts fires any category."""
     min_margin: float = 0.0
-    """The lowest margin the per-category choice tries."""
+    """The lowest margin the per-category choice tries (the grid runs from 1.5 down to -1.0 in steps of 0.1; a negative
+    margin puts the threshold below the highest calibration benign score)."""
     relax_margin: float = RELAX_MARGIN
     """The ``relaxed`` level's margin on top of the ``standard`` one."""
     strict_fpr: float = STRICT_FPR

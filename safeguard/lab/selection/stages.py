@@ -308,7 +308,7 @@ def calibrate(config: SelectConfig, prep: Prepared, det: Detectors) -> Levels:
         val_fams = sorted({family(p.source) for p in val_h})
         by_family = [torch.tensor([i for i, p in enumerate(val_h) if family(p.source) == fam]) for fam in val_fams]
         margins = greedy_margins({c: vscores[c][:nvh] for c in cats}, {c: vscores[c][nvh:] for c in cats}, threshold_of,
-                                 [m for m in (round(0.1 * i, 1) for i in range(0, 16)) if m >= cfg.min_margin - 1e-9], max_fpr=cfg.max_val_fpr,
+                                 [m for m in (round(0.1 * i, 1) for i in range(-10, 16)) if m >= cfg.min_margin - 1e-9], max_fpr=cfg.max_val_fpr,
                                  harmful_groups=by_family)
     points = {c: operating_points(det.fits[c].oof_pos, det.fits[c].oof_neg, margins[c], relax=cfg.relax_margin, strict_fpr=cfg.strict_fpr,
                                   targets=cfg.curve_targets) for c in cats}
