@@ -143,13 +143,19 @@ def dense_refusal_direction(llm: Any, layer: int, *, prompts: Sequence[str] | No
 
 def refusal_norm(llm: Any, resolved: Any) -> tuple[int, str, float]:
     """(layer, positions, norm) of the refusal steering of ``resolved``'s first ``refuse`` category: the norm of its
-    ``add`` actions' summed vectors (unit decoder row x strength) at their layer. Clamp actions have no fixed
+    ``add`` actions' summed vectors (unit decoder row x strength) at their layer, or the strength of its dense
+    ``vector`` action (a pack that refuses with the dense direction stores it unit-norm). Clamp actions have no fixed
     vector and are not counted."""
     import torch
 
     from ...runtime.policy import AddAction
 
+    from ...runtime.policy import VectorAction
+
     cats = [c for c in resolved.categories if c.response == "refuse"]
+    vectors = [a for c in cats[:1] for a, _ in c.steer if isinstance(a, VectorAction)]
+    if vectors:  # the pack already refuses with a (unit-norm) dense vector: the same layer, positions and strength
+        return vectors[0].layer, vectors[0].positions, float(abs(vectors[0].strength))
     adds = [a for c in cats[:1] for a, _ in c.steer if isinstance(a, AddAction)]
     if not adds:
         raise EvaluationError("the dense_direction baseline matches the norm of the policy's refusal 'add' actions, and "
