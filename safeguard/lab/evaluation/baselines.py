@@ -148,9 +148,7 @@ def refusal_norm(llm: Any, resolved: Any) -> tuple[int, str, float]:
     vector and are not counted."""
     import torch
 
-    from ...runtime.policy import AddAction
-
-    from ...runtime.policy import VectorAction
+    from ...runtime.policy import AddAction, VectorAction
 
     cats = [c for c in resolved.categories if c.response == "refuse"]
     vectors = [a for c in cats[:1] for a, _ in c.steer if isinstance(a, VectorAction)]
