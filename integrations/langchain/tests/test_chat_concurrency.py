@@ -149,6 +149,6 @@ def test_embedded_model_threads_with_mixed_policies_equal_sequential():
     reqs = [(p, q) for p in prompts for q in (a, b)]
     sequential = [outcome(chat.invoke(p, policy=q)) for p, q in reqs]
     assert any(sequential[i] != sequential[i + 1] for i in range(0, len(reqs), 2))  # the two policies differ somewhere
-    with ThreadPoolExecutor(4) as pool:
-        assert [outcome(m) for m in pool.map(lambda r: chat.invoke(r[0], policy=r[1]), reqs)] == sequential
+    with ThreadPoolExecutor(4) as pool:  # concurrent calls may share a padded generate: same text and decisions, scores within float noise
+        same_but_rounding(list(pool.map(lambda r: chat.invoke(r[0], policy=r[1]), reqs)), sequential)
     same_but_rounding(chat.batch([p for p, _ in reqs], config=[{"configurable": {"policy": q}} for _, q in reqs]), sequential)
