@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["REFUSAL_PHRASES", "PhraseJudge", "RefusalJudge", "is_refusal"]
 
@@ -90,3 +90,9 @@ def is_refusal(reply: str) -> bool:
     """Whether ``reply`` refuses, by the default phrase matcher."""
     return _DEFAULT.refuses(reply)
 
+
+def prompt_text(prompt: Any) -> str:
+    """What a judge reads as the prompt: the text, or a conversation's (a list of messages) last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(list(prompt)) if m.get("role") == "user"), "")

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..._hashing import stable_hash as _sha
 from ...errors import EvaluationError
-from ..refusal import PhraseJudge, RefusalJudge
+from ..refusal import PhraseJudge, RefusalJudge, prompt_text
 from . import baselines as bl
 from .baselines import BASELINES
 from .report import DEFAULT_CRITERIA, BaselineReply, Criteria, EvalResult, Reply
@@ -170,7 +170,7 @@ def evaluate(
                                   desc=f"policy {pol.name}: {name}", identity=identity)
         texts = [t for t, _ in steered]
         generated.append((name, prompts, plain))
-        judged = [_judged(p) for p in prompts]
+        judged = [prompt_text(p) for p in prompts]
         ref_u = judge.judge(judged, plain)
         ref_s = judge.judge(judged, texts)
         flags_u: list[tuple[str, ...] | None] = [None] * len(prompts)
@@ -243,7 +243,7 @@ def _baseline_replies(llm: Any, pol: Any, resolved: Any, generated: list[tuple[s
         settings["dense_direction"] = {"layer": layer, "strength": round(strength, 4), "positions": positions, "vector_file": vectors.name,
                                        "direction_prompts": "given" if direction_prompts is not None else "train split, select part (selection_data)"}
     for name, prompts, plain in groups:
-        shown = [_judged(p) for p in prompts]
+        shown = [prompt_text(p) for p in prompts]
         for b in names:
             if b == "system_prompt":
                 out = unsteered_replies(llm, [bl.with_system_prompt(p) for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -262,13 +262,6 @@ def _baseline_replies(llm: Any, pol: Any, resolved: Any, generated: list[tuple[s
     settings["system_prompt"] = bl.SAFETY_SYSTEM_PROMPT if "system_prompt" in names else None
     settings["self_check"] = {"prompt": bl.SELF_CHECK_PROMPT, "block_message": bl.BLOCK_MESSAGE} if "self_check" in names else None
     return {"rows": rows, "settings": {"baseline_settings": {k: v for k, v in settings.items() if v is not None}}}
-
-
-def _judged(prompt: Any) -> str:
-    """What the judge reads as the prompt: the text, or a conversation's last user message."""
-    if isinstance(prompt, str):
-        return prompt
-    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
 def _pack_of(llm: Any) -> Any:

@@ -51,10 +51,10 @@ def _capture(model: Any, rows: Sequence[Sequence[int]], layers: Sequence[int], p
 def encode_prompt(llm: Any, prompt: Any) -> tuple[list[int], list[bool]]:
     """Token ids of a chat-formatted prompt and the mask of the tokens detection reads, exactly as the engine
     builds them: a text is one user turn; a ``Chat`` is read at its last user turn, in context."""
-    from .data import Chat
+    from .data import Chat, model_input
 
     if isinstance(prompt, Chat):
-        return llm._encode_one([dict(m) for m in prompt.messages], True, turns="last")
+        return llm._encode_one(model_input(prompt), True, turns="last")
     return llm._encode_one(prompt, True)
 
 

@@ -46,6 +46,11 @@ class Chat(str):
         return self
 
 
+def model_input(text: Any) -> Any:
+    """What the model is given for a selection prompt: a ``Chat``'s messages (a list of dicts), else the text."""
+    return [dict(m) for m in text.messages] if isinstance(text, Chat) else text
+
+
 def _chats(conversations: Sequence[Any]) -> list[Any]:
     """Multi-turn conversations as prompts (``text`` a ``Chat``) of their category and source ``multiturn``."""
     from ..datasets import Prompt

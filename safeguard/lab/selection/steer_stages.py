@@ -7,7 +7,6 @@ in every one but ``redirect_vectors``, its costly passes cached under ``Prepared
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,13 +16,13 @@ import torch
 
 from .activations import PromptStats, ReplyStats, collect_reply_stats, compliance_replies
 from .config import SelectConfig
-from .data import HARMLESS_GROUPS, Chat, _cached, _cap
+from .data import HARMLESS_GROUPS, Chat, _cached, _cap, model_input
 from .replies import ReplyCalibration, calibrate_reply_thresholds, reply_scores
 from .stages import Detectors, Levels, Prepared
 from .stats import contrast_scores, distinct_features
 from .sweep import SweepPoint, causal_check, pick_strength, strength_sweep
 from .tables import FeatureRow, _rows
-from .writing import DENSE_KEY, detect_block, label, refusal_actions
+from .writing import DENSE_KEY, detect_block, label, refusal_section
 
 
 @dataclass(frozen=True)
@@ -152,10 +151,10 @@ class Sweep:
 
 def sweep(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, levels: Levels, refusal: Refusal, *, progress: bool = True) -> Sweep:
     """Steer every category at its ``standard`` threshold through the real engine at each strength (or ``strength``
-    alone) on validation prompts; pick the strength with the most harmful refusals within the benign budget."""
+    alone) on validation prompts; pick the strength by ``sweep_objective`` within the benign budget."""
     c = config
-    val_h_sweep = [_input(p.text) for p in _cap(prep.val_harmful, c.n_val_harmful, c.seed + 3)]
-    val_b_sweep = [_input(p.text) for p in _cap(prep.data.harmless_val, c.n_val_benign, c.seed + 5)]
+    val_h_sweep = [model_input(p.text) for p in _cap(prep.val_harmful, c.n_val_harmful, c.seed + 3)]
+    val_b_sweep = [model_input(p.text) for p in _cap(prep.data.harmless_val, c.n_val_benign, c.seed + 5)]
 
     # each strength runs through a temporary pack, so the sweep measures what the pack will do: its refusal
     # actions at that strength, its opener, every category refused at its standard threshold (no reply watching)
@@ -166,10 +165,6 @@ def sweep(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, levels
 
     from ...runtime.llm import SteeredLLM
     from ...runtime.policy import Policy
-
-    tmp = Path(tempfile.mkdtemp(prefix="safeguard-sweep-"))
-    if c.refusal_style == "dense":
-        save_file({DENSE_KEY: refusal.direction}, str(tmp / "pack.vectors.safetensors"))
     from ..datasets import TAXONOMY_NAME, TAXONOMY_VERSION
 
     policy = Policy.from_dict({"schema_version": 2, "name": f"{prep.pack_id}-sweep", "version": "1",
@@ -178,28 +173,24 @@ def sweep(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, levels
                                "categories": {d.category: {} for d in det.detectors}})
 
     def make(s: float) -> Any:
-        actions = refusal_actions(c, refusal, s)
         pack = {"schema_version": 1, "id": prep.pack_id, "model": llm.model_name, "sae": prep.release,
                 "taxonomy": {"name": TAXONOMY_NAME, "version": TAXONOMY_VERSION}, "measured": False,
                 "levels": {lv: {"max_false_positive_rate": 0.0} for lv in ("relaxed", "standard", "strict")},
-                "refusal": {"steer": actions, "opener": c.opener} if c.opener else actions,
+                "refusal": refusal_section(c, refusal, s),
                 "categories": {d.category: {"label": label(d.category), "detect": detect_block(c, d),
                                             "levels": {lv: {"threshold": levels.thresholds[d.category]} for lv in ("relaxed", "standard", "strict")}}
                                for d in det.detectors}}
-        folder = tmp / f"s{s:g}"
+        folder = Path(tmp) / f"s{s:g}"
         folder.mkdir(exist_ok=True)
         if c.refusal_style == "dense":
-            shutil.copy(tmp / "pack.vectors.safetensors", folder / "pack.vectors.safetensors")
+            save_file({DENSE_KEY: refusal.direction}, str(folder / "pack.vectors.safetensors"))
         (folder / "pack.yaml").write_text(yaml.safe_dump(pack, sort_keys=False))
         return SteeredLLM(llm._loaded, llm.saes, None, pack=folder / "pack.yaml"), policy
 
     grid = [c.strength] if c.strength is not None else list(c.strengths)
-    points, baseline = strength_sweep(llm, make, val_h_sweep, val_b_sweep, grid, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
-                                      progress=progress)
+    with tempfile.TemporaryDirectory(prefix="safeguard-sweep-") as tmp:  # the temporary packs go with it
+        points, baseline = strength_sweep(llm, make, val_h_sweep, val_b_sweep, grid, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                                          progress=progress)
     chosen = pick_strength(points, baseline["benign_refusal"], max_benign_increase=c.max_benign_increase, objective=c.sweep_objective)
     return Sweep(points, baseline, chosen, len(val_h_sweep), len(val_b_sweep))
 
-
-def _input(text: Any) -> Any:
-    """What the model is given for a selection prompt: a ``Chat``'s messages, else the text."""
-    return [dict(m) for m in text.messages] if isinstance(text, Chat) else text

@@ -102,7 +102,7 @@ def strength_sweep(llm: Any, make_policy: Callable[[float], Any], harmful: Seque
     from tqdm.auto import tqdm
 
     from ..audit import judge_reply
-    from ..refusal import PhraseJudge
+    from ..refusal import PhraseJudge, prompt_text
 
     judge = judge or PhraseJudge()
     prompts = list(harmful) + list(benign)
@@ -135,7 +135,7 @@ def strength_sweep(llm: Any, make_policy: Callable[[float], Any], harmful: Seque
             harmful_degenerate=sum(is_degenerate(t) for t in texts[:nh]) / max(nh, 1),
             harmful_fired=sum(bool(r.report.fired) for r in res[:nh]) / max(nh, 1),
             benign_fired=sum(bool(r.report.fired) for r in res[nh:]) / max(len(benign), 1),
-            harmful_acceptable=sum(judge_reply(_last_user(p), t, harmful=True) == 1 for p, t in zip(prompts[:nh], texts[:nh], strict=True)) / max(nh, 1),
+            harmful_acceptable=sum(judge_reply(prompt_text(p), t, harmful=True) == 1 for p, t in zip(prompts[:nh], texts[:nh], strict=True)) / max(nh, 1),
         ))
     return points, baseline
 
@@ -200,10 +200,3 @@ def plot_sweep(points: Sequence[SweepPoint], chosen: SweepPoint, path: str | Pat
     plt.close(fig)
     return out
 
-
-
-def _last_user(prompt: Any) -> str:
-    """A prompt's text as the audit proxy reads it: a conversation's last user message."""
-    if isinstance(prompt, str):
-        return prompt
-    return next((m["content"] for m in reversed(list(prompt)) if m.get("role") == "user"), "")

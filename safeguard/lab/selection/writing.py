@@ -75,6 +75,12 @@ def refusal_actions(config: SelectConfig, refusal: Refusal, s: float, *, file: s
              "positions": config.positions} for f, wf in zip(refusal.features, refusal.weights.tolist(), strict=True)]
 
 
+def refusal_section(config: SelectConfig, refusal: Refusal, s: float, *, file: str | None = None) -> Any:
+    """A pack's ``refusal`` at strength ``s``: its actions, with the opener when the config gives one."""
+    actions = refusal_actions(config, refusal, s, file=file)
+    return {"steer": actions, "opener": config.opener} if config.opener else actions
+
+
 def detect_block(config: SelectConfig, d: Detector) -> dict[str, Any]:
     """A detector as a pack's (or policy's) ``detect`` block, without a threshold."""
     return {"layer": config.detect_layer, "features": d.features, "weights": d.weights, "combine": "sum", "reduce": d.reduce, "order": d.order,
@@ -152,8 +158,7 @@ def _pack_dict(llm: Any, c: SelectConfig, prep: Prepared, refusal: Refusal, swep
                                          "written by safeguard select (see the provenance file)."),
         "levels": {lv: {"max_false_positive_rate": LEVEL_TARGETS[lv] if lv != "strict" else c.strict_fpr, "description": descriptions[lv]}
                    for lv in LEVEL_TARGETS},
-        "refusal": ({"steer": refusal_actions(c, refusal, swept.chosen.strength, file=vec_file.name), "opener": c.opener} if c.opener
-                    else refusal_actions(c, refusal, swept.chosen.strength, file=vec_file.name)),
+        "refusal": refusal_section(c, refusal, swept.chosen.strength, file=vec_file.name),
         "redirect": {"file": vec_file.name, "layer": c.steer_layer, "strength": c.redirect_strength, "positions": "both"},
         "provenance": prov_file.name,
         "categories": categories,
