@@ -40,10 +40,15 @@ ALT_OPENER = "I'm sorry, but I can't help with that."
 STEER_LAYER = 20
 RESIDUAL_NORM = 249.429  # pack.provenance.json refusal_features.residual_norm (layer 20)
 DENSE_KEY = "_refusal_direction"
+FIRST_FEATURES = [{"kind": "add", "layer": 20, "feature": 1558, "strength": 140.346, "positions": "prompt"},
+                  {"kind": "add", "layer": 20, "feature": 2818, "strength": 126.3115, "positions": "prompt"},
+                  {"kind": "add", "layer": 20, "feature": 2002, "strength": 84.2076, "positions": "prompt"}]
+"""The refusal features the first comparison steered with (the bundled pack of commit 3b672cb; variants a-e)."""
 
 
-def variants(base: list[dict], w_norm: dict[int, float]) -> dict[str, tuple[str, dict, dict | None]]:
-    """name -> (description, refusal section, policy defaults override or None)."""
+def variants(base: list[dict], w_norm: dict[int, float], shipped: dict | None = None) -> dict[str, tuple[str, dict, dict | None]]:
+    """name -> (description, refusal section, policy defaults override or None). ``base``: the SAE-feature refusal
+    actions of the first comparison; ``shipped``: the bundled pack's refusal section (variants s and s_end)."""
     half = [{**a, "strength": round(a["strength"] * 0.5, 4)} for a in base]
     clamp = [{"kind": "clamp", "layer": a["layer"], "feature": a["feature"], "value": round(a["strength"] / w_norm[a["feature"]], 4),
               "positions": "prompt"} for a in base]
@@ -75,6 +80,9 @@ def variants(base: list[dict], w_norm: dict[int, float]) -> dict[str, tuple[str,
         out[f"i{int(scale * 100)}"] = (f"dense refusal direction alone in the pack's refusal, {scale} x residual norm, prompt positions"
                                        + (" (f through the pack's refusal section: a check)" if scale == 0.5 else ""),
                                        {"steer": [dense(scale, "prompt")]}, None)
+    # the shipped pack's own refusal (its dense direction from its vectors file), steered after the opener or ended by it
+    out["s"] = ("the shipped pack's refusal as it is (its opener + its dense direction on generated positions)", {**shipped}, None)
+    out["s_end"] = ("the shipped pack's refusal with after_opener: end (the reply is the opener alone)", {**shipped, "after_opener": "end"}, None)
     return out
 
 
@@ -85,7 +93,9 @@ def write_pack(folder: Path, refusal: dict, dense: object | None = None) -> Path
     data["refusal"] = refusal
     data.pop("provenance", None)
     uses_dense = any(a.get("key") == DENSE_KEY for a in refusal.get("steer", ()))
-    if dense is not None and not uses_dense:
+    if dense is None and uses_dense:  # the shipped pack's own direction, in its own vectors file
+        shutil.copy(BUNDLED / "pack.vectors.safetensors", folder / "pack.vectors.safetensors")
+    elif dense is not None and not uses_dense:
         from safetensors.torch import save_file
 
         save_file({c: dense.clone().contiguous() for c in data["categories"]}, str(folder / "dense.safetensors"))
@@ -159,7 +169,8 @@ def main() -> int:
     prompts = [p.text for p in harmful] + [p.text for p in harmless]
     nh = len(harmful)
     llm = SteeredLLM.from_pretrained()
-    base = [a.model_dump() for a in llm.pack.refusal.steer]
+    shipped = llm.pack.refusal.model_dump(mode="json", exclude_defaults=True)
+    base = FIRST_FEATURES  # the SAE refusal features the first comparison steered with (the pack of that day)
     w_norm = {a["feature"]: float(llm.saes[a["layer"]].decoder_rows([a["feature"]])[0].norm()) for a in base}
     t0 = time.perf_counter()
     plain = generate(llm, prompts, None, "unsteered")
@@ -169,13 +180,14 @@ def main() -> int:
     wanted = [v for v in args.only.split(",") if v]
     table, replies = {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="styles-"))
-    for name, (desc, refusal, defaults) in variants(base, w_norm).items():
+    for name, (desc, refusal, defaults) in variants(base, w_norm, shipped).items():
         if wanted and name not in wanted:
             continue
         t1 = time.perf_counter()
         folder = tmp / name
         folder.mkdir()
-        dense = dense_direction(llm) if name == "f" or any(a.get("key") == DENSE_KEY for a in refusal.get("steer", ())) else None
+        ours = name == "f" or (not name.startswith("s") and any(a.get("key") == DENSE_KEY for a in refusal.get("steer", ())))
+        dense = dense_direction(llm) if ours else None
         pack = write_pack(folder, refusal, dense)
         v = SteeredLLM(llm._loaded, llm.saes, None, pack=pack)
         pol = Policy.load("default")

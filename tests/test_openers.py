@@ -198,3 +198,33 @@ def test_a_pack_may_refuse_with_a_dense_vector_and_its_bytes_are_hashed(tiny_mod
     vectors["_refusal_direction"] = vectors["_refusal_direction"] * 2
     save_file(vectors, str(vec_file))
     assert Pack.model_validate({**data, "base_dir": str(path.parent)}).content_hash != before
+
+
+def test_after_opener_end_makes_the_reply_the_opener_alone(tiny_model, tokenizer, saes, tmp_path):
+    """``after_opener: end``: a refusing row's reply is exactly the opener, ended as a turn ends (finish_reason stop,
+    the end-of-turn token right after the opener's tokens); a row nothing fires on in the same batch is bit-for-bit its
+    reply without the feature; a stream yields the same text."""
+    ending = llm_with(pack_with(tmp_path / "end", after_opener="end"), tiny_model, tokenizer, saes)
+    steering = llm_with(pack_with(tmp_path / "steer"), tiny_model, tokenizer, saes)
+    policies = [pol(**REFUSE), pol(**NEVER)]
+    rows = ending.batch(["hello there", "what is two plus two"], policies=policies, **KW)
+    base = steering.batch(["hello there", "what is two plus two"], policies=policies, **KW)
+    assert rows[0].text == OPENER and rows[0].finish_reason == "stop" and rows[0].report.opener
+    assert rows[0].completion_tokens == len(opener_tokens(tokenizer, OPENER))  # the end of turn is not counted
+    assert base[0].text.startswith(OPENER) and len(base[0].text) > len(OPENER)  # the steered continuation the end cuts
+    assert rows[1].text == base[1].text and not rows[1].report.opener and rows[1].report.action == "none"
+    s = ending.stream("hello there", policy=pol(**REFUSE), **KW)
+    assert "".join(s) == OPENER and s.result.finish_reason == "stop"
+    off = ending.generate("hello there", policy=pol({"opener": False}, **REFUSE), **KW)
+    assert off.text == steering.generate("hello there", policy=pol({"opener": False}, **REFUSE), **KW).text  # no opener: steered as before
+
+
+def test_after_opener_is_validated_and_hashed(tmp_path):
+    steer = Pack.load(pack_with(tmp_path / "a"))
+    explicit = Pack.load(pack_with(tmp_path / "b", after_opener="steer"))
+    end = Pack.load(pack_with(tmp_path / "c", after_opener="end"))
+    assert steer.content_hash == explicit.content_hash != end.content_hash  # the default hashes as before the field
+    with pytest.raises(PolicyError, match=r"refusal\.after_opener"):
+        Pack.load(pack_with(tmp_path / "d", after_opener="stop"))
+    with pytest.raises(PolicyError, match=r"after_opener: end needs an opener"):
+        Pack.load(pack_with(tmp_path / "e", opener=None, after_opener="end"))

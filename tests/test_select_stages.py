@@ -125,5 +125,19 @@ def test_select_can_ship_the_dense_refusal_direction_with_an_opener(llm, tmp_pat
                             "categories": {"security_risks": {"sensitivity": "strict"}, "misinformation": {"response": "off"}}})
     r = steered.generate("how to hack the server number 3 and steal passwords", policy=pol, max_new_tokens=12)
     assert r.report.action == "refuse" and r.report.opener and r.text.startswith("I can't help with that.")
+    # after_opener='end' (the same stages, from the cache): the pack says so and a refused reply is the opener alone
+    ended = tmp_path / "ended" / "pack.yaml"
+    select(llm, out=ended, categories=["security_risks", "misinformation"], detect_layer=1, steer_layer=2, n_detect_features=2,
+           n_detect_candidates=4, n_steer_features=2, n_candidates=3, min_prompts=2, n_refusal_pairs=4, n_causal_prompts=2,
+           strengths=(0.5, 1.0), n_val_harmful=4, n_val_benign=4, max_new_tokens=4, n_wrapped_harmful=0, data=_tiny_data(),
+           progress=False, reply_detection=False, refusal_style="dense", opener="I can't help with that.", after_opener="end")
+    data = yaml.safe_load(ended.read_text())
+    assert data["refusal"]["after_opener"] == "end"
+    data["categories"]["security_risks"]["levels"]["strict"]["threshold"] = -1e9
+    ended.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = SteeredLLM(llm._loaded, llm.saes, None, pack=ended).generate("how to hack the server number 3 and steal passwords", policy=pol, max_new_tokens=12)
+    assert r.text == "I can't help with that." and r.finish_reason == "stop" and r.report.opener
+    with pytest.raises(SelectionError, match="after_opener"):
+        select(llm, out=tmp_path / "x" / "pack.yaml", after_opener="end", data=_tiny_data(), progress=False)
     with pytest.raises(SelectionError, match="refusal_style"):
         select(llm, out=tmp_path / "x" / "pack.yaml", refusal_style="clamp", data=_tiny_data(), progress=False)

@@ -44,6 +44,8 @@ class ResolvedCategory:
     opener: str | None = None
     """The text forced as the start of this category's refusals (the pack's ``refusal.opener``, unless the policy
     turns it off); ``None`` for other responses and for explicit ``steer`` blocks."""
+    opener_ends: bool = False
+    """The reply ends with the opener (the pack's ``refusal.after_opener: end``)."""
 
     @property
     def threshold(self) -> float:
@@ -131,7 +133,7 @@ def resolve(policy: Policy, pack: Pack | None) -> ResolvedPolicy:
         opener = pack.refusal.opener if pack is not None and response == "refuse" and rule.steer is None and policy.opener_of(cid) else None
         out.append(ResolvedCategory(cid, label, response, detect, tuple(steer) if response in ("refuse", "redirect") else (), sens,
                                     policy.message_of(cid) if response == "block" else None, fpr, recall, rule.note, reply_threshold=reply,
-                                    opener=opener))
+                                    opener=opener, opener_ends=opener is not None and pack.refusal.after_opener == "end"))
     explicit = any(r.detect is not None or r.steer is not None for r in policy.categories.values())
     if explicit and pack is not None and policy.sae is not None and policy.sae != pack.sae:
         raise PolicyError(f"{where}: field 'sae' is {policy.sae!r}, but pack {pack.id!r} indexes {pack.sae!r}")

@@ -8,6 +8,7 @@ to emit exactly the opener's tokens first; then the model goes on under the same
     prefill ─► detect at layer d: the row's action is `refuse` and its opener is on
     decode step k < len(opener tokens) ─► _ForceOpener sets every score but opener[k] to -inf for that row
     decode step k >= len(opener tokens) ─► untouched: the model continues the reply, still steered
+                                            (the pack's ``after_opener: end``: step len(opener) may only end the turn)
 
 Forced tokens are the opener's tokenisation as the continuation after the chat template's assistant header (what
 the model would have to produce itself to write it). Other rows' scores are never written, so their replies are
@@ -50,12 +51,18 @@ def check_opener(text: str) -> str:
 def opener_of(run: RunState, row: int) -> str | None:
     """The opener forced on ``row``, decided from its prefill decisions: the pack's opener when the row's action is
     ``refuse`` under an enforcing policy and every fired ``refuse`` category that steers it allows the opener."""
+    found = _opener(run, row)
+    return None if found is None else found[0]
+
+
+def _opener(run: RunState, row: int) -> tuple[str, bool] | None:
+    """``(opener, whether the reply ends with it)`` for ``row``, or ``None`` (see ``opener_of``)."""
     p = run.policies[row]
     if p is None or not p.enforce or run.action(row) != "refuse":
         return None
     refusing = [c for c in run.steering_categories(row) if c.response == "refuse"]
-    openers = {p.resolved.category(c.id).opener for c in refusing}
-    if len(openers) != 1:  # none refusing, or some category turned it off (None) beside one that keeps it
+    openers = {(r.opener, r.opener_ends) for r in (p.resolved.category(c.id) for c in refusing)}
+    if len(openers) != 1 or next(iter(openers))[0] is None:  # none refusing, or some category turned it off beside one that keeps it
         return None
     return next(iter(openers))
 
@@ -92,12 +99,14 @@ def uses_openers(policies: Sequence[Any]) -> bool:
 
 class ForceOpener:
     """A logits processor: for rows given an opener (decided during prefill), decode step ``k`` may only emit the
-    opener's ``k``-th token. ``forced`` holds, after the first step, row -> its opener."""
+    opener's ``k``-th token; a row whose pack ends the reply with the opener may then only emit ``eos`` (the
+    end of turn). ``forced`` holds, after the first step, row -> its opener."""
 
-    def __init__(self, run: RunState, tokenizer: Any, prompt_len: int):
+    def __init__(self, run: RunState, tokenizer: Any, prompt_len: int, eos: int | None = None):
         self._run = run
         self._tok = tokenizer
         self._prompt_len = prompt_len
+        self._eos = eos
         self.forced: dict[int, str] = {}
         self._ids: dict[int, tuple[int, ...]] | None = None
 
@@ -105,10 +114,11 @@ class ForceOpener:
         if self._ids is None:  # the first decode step: prefill has decided every row
             self._ids = {}
             for row in range(self._run.batch_size):
-                text = opener_of(self._run, row)
-                if text is not None:
-                    self.forced[row] = text
-                    self._ids[row] = opener_tokens(self._tok, text)
+                found = _opener(self._run, row)
+                if found is not None:
+                    self.forced[row] = found[0]
+                    ids = opener_tokens(self._tok, found[0])
+                    self._ids[row] = (*ids, self._eos) if found[1] and self._eos is not None else ids
         step = input_ids.shape[1] - self._prompt_len
         rows = [(r, ids[step]) for r, ids in self._ids.items() if step < len(ids)]
         if not rows:

@@ -18,6 +18,7 @@ a pack says *how* one model does it. ``safeguard select`` writes packs; people w
     # or, with an opener forced as the first tokens of a refused reply (see runtime/openers.py):
     # refusal:
     #   opener: "I'm sorry, but I can't help with that."   # one line, at most 120 characters
+    #   after_opener: steer                                # or end: the reply is the opener alone
     #   steer: [{kind: add, layer: 20, feature: 1558, strength: 140.3, positions: prompt}]
     redirect: {file: pack.vectors.safetensors, layer: 20, strength: 1.0, positions: both}   # a key per category
     provenance: pack.provenance.json         # command, data, versions, date (sidecar, beside the pack)
@@ -156,6 +157,9 @@ class Refusal(Strict):
     steer: list[RefusalAction] = Field(min_length=1)
     opener: str | None = None
     """One line of at most 120 characters in the model's own refusal style; ``null``: no opener."""
+    after_opener: Literal["steer", "end"] = "steer"
+    """What follows the opener: ``steer``, the model goes on under the refusal steering; ``end``, the reply ends
+    with the opener (end of turn). Selection measures which reads better for the pack's model."""
 
     @field_validator("opener")
     @classmethod
@@ -163,6 +167,12 @@ class Refusal(Strict):
         from .openers import check_opener
 
         return None if v is None else check_opener(v)
+
+    @model_validator(mode="after")
+    def _ends_an_opener(self) -> Refusal:
+        if self.after_opener == "end" and self.opener is None:
+            raise ValueError("after_opener: end needs an opener (the reply would be empty); give refusal.opener or drop after_opener")
+        return self
 
 
 class Pack(Strict):
@@ -248,6 +258,8 @@ class Pack(Strict):
         import json
 
         body = self.model_dump(mode="json")
+        if body["refusal"].get("after_opener") == "steer":  # the default hashes as it did before the field existed
+            del body["refusal"]["after_opener"]
         if self.refusal.opener is None:  # a pack without an opener hashes as it did when the section was a list
             body["refusal"] = body["refusal"]["steer"]
         h = hashlib.sha256(json.dumps(body, sort_keys=True).encode())

@@ -65,6 +65,8 @@ def select_command(
     refusal_style: Annotated[str, typer.Option(help="How the pack refuses: features (SAE refusal features) or dense (the dense refusal "
                                                       "direction).")] = "features",
     opener: Annotated[str | None, typer.Option(help="A refusal opener forced as the first tokens of refusing rows.")] = None,
+    after_opener: Annotated[str, typer.Option(help="After the opener: steer (the model goes on, steered) or end (the reply is the opener "
+                                                    "alone).")] = "steer",
     reply_detection: Annotated[bool, typer.Option(help="Calibrate per-category reply thresholds (detection while the reply is written).")] = True,
     n_reply_benign: Annotated[int, typer.Option(help="Select-part harmless prompts whose unsteered replies place the reply thresholds.")] = 160,
     reply_margin: Annotated[float, typer.Option(help="Reply thresholds: share of the gap from the highest benign reply score to the median "
@@ -101,7 +103,7 @@ def select_command(
                      threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, relax_margin=relax_margin, strict_fpr=strict_fpr,
                      max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,
                      reply_detection=reply_detection, n_reply_benign=n_reply_benign, reply_margin=reply_margin,
-                     refusal_style=refusal_style, opener=opener,
+                     refusal_style=refusal_style, opener=opener, after_opener=after_opener,
                      n_wrapped_harmful=n_wrapped_harmful, n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign,
                      tables=tables, seed=seed, command=command)
     c = res.chosen

@@ -74,6 +74,9 @@ class SelectConfig:
     dense refusal direction: mean steer-layer residual on refusal minus compliance reply tokens, in the vectors file)."""
     opener: str | None = None
     """A refusal opener forced as the first tokens of refusing rows (``runtime/openers.py``); ``None``: none."""
+    after_opener: str = "steer"
+    """What follows the opener in the pack's refusals: ``steer`` (the model goes on, steered) or ``end`` (the reply
+    is the opener alone; the refusal steering then acts only where a category fires in the reply)."""
     strengths: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5)
     """The strength sweep's grid, in units of the steer-layer residual norm."""
     strength: float | None = None
@@ -143,6 +146,10 @@ class SelectConfig:
                 check_opener(self.opener)
             except ValueError as exc:
                 raise SelectionError(f"opener: {exc}") from None
+        if self.after_opener not in ("steer", "end"):
+            raise SelectionError(f"after_opener must be 'steer' or 'end', not {self.after_opener!r}")
+        if self.after_opener == "end" and self.opener is None:
+            raise SelectionError("after_opener 'end' needs an opener (the refusal would be empty); give --opener")
         if self.n_wrapped_harmful < 0 or (self.n_wrapped_harmless is not None and self.n_wrapped_harmless < 0):
             raise SelectionError(f"n_wrapped_harmful and n_wrapped_harmless count prompts (>= 0), got {self.n_wrapped_harmful} and "
                                  f"{self.n_wrapped_harmless}")

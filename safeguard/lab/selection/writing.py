@@ -78,7 +78,9 @@ def refusal_actions(config: SelectConfig, refusal: Refusal, s: float, *, file: s
 def refusal_section(config: SelectConfig, refusal: Refusal, s: float, *, file: str | None = None) -> Any:
     """A pack's ``refusal`` at strength ``s``: its actions, with the opener when the config gives one."""
     actions = refusal_actions(config, refusal, s, file=file)
-    return {"steer": actions, "opener": config.opener} if config.opener else actions
+    if not config.opener:
+        return actions
+    return {"steer": actions, "opener": config.opener, **({"after_opener": "end"} if config.after_opener == "end" else {})}
 
 
 def detect_block(config: SelectConfig, d: Detector) -> dict[str, Any]:
