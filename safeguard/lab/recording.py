@@ -28,7 +28,7 @@ import torch
 
 from .._hashing import stable_hash as _sha
 
-__all__ = ["REPLY_FORMAT", "ReplyCache", "Replies", "encode_prompt", "greedy_replies", "layer_outputs"]
+__all__ = ["REPLY_FORMAT", "Replies", "ReplyCache", "compliance_replies", "encode_prompt", "greedy_replies", "layer_outputs", "reply_key"]
 
 log = logging.getLogger("safeguard")
 
@@ -178,11 +178,14 @@ class ReplyCache:
 
     @classmethod
     def default(cls, folder: str | os.PathLike[str] | None = None) -> ReplyCache:
-        """``folder``, else ``<safeguard cache>/replies``; either reads the older caches under the safeguard cache too."""
+        """The cache in ``folder`` alone, else ``<safeguard cache>/replies``, which also reads the older caches beside
+        it (``eval``, ``corpus``, ``selection``)."""
         from ..runtime.models import cache_root
 
+        if folder is not None:
+            return cls(folder)
         root = cache_root()
-        return cls(Path(folder) if folder is not None else root / "replies", read_also=(root / "eval", root / "corpus", root / "selection"))
+        return cls(root / "replies", read_also=(root / "eval", root / "corpus", root / "selection"))
 
     def __repr__(self) -> str:
         return f"ReplyCache({str(self.folder)!r})"
@@ -214,7 +217,8 @@ class ReplyCache:
 
     def by_prompt(self, model: str, *, max_new_tokens: int) -> dict[str, str]:
         """Every unsteered reply of ``model`` with ``max_new_tokens`` new tokens, whatever the batching it was generated
-        in, by prompt (a chat prompt by its JSON text). Where runs disagree, the later file (by name) wins."""
+        in, by prompt (a chat prompt by its JSON text). Files whose name is not the key of the run they hold are
+        skipped. Where runs disagree, the later file (by name) wins; the older caches count before this one."""
         from ._cache import read_json_cache
 
         known: dict[str, str] = {}
@@ -229,6 +233,9 @@ class ReplyCache:
                 got = Replies.from_json(data)
             except ValueError:
                 continue  # another format (evaluation's older files): exact lookups read those
+            if f.name != self.name(got.key, got.policy):
+                log.warning("ignoring the reply cache %s: its name is not the key of the run it holds", f)
+                continue
             if got.model == model and got.policy is None and got.max_new_tokens == max_new_tokens:
                 known.update(zip((_prompt_key(p) for p in got.prompts), got.replies, strict=True))
         return known
@@ -290,3 +297,17 @@ def greedy_replies(llm: Any, prompts: Sequence[Any], *, cache: ReplyCache, max_n
     out = Replies(llm.model_name, tuple(prompts), tuple(texts), max_new_tokens, batch_size, who, tuple(fired))
     cache.put(out)
     return out
+
+
+def compliance_replies(llm: Any, prompts: Sequence[str], *, max_new_tokens: int = 40, batch_size: int = 8, progress: bool = True,
+                       cache: ReplyCache | None = None) -> list[str]:
+    """The unsteered model's greedy replies to ``prompts`` (what it says when it complies), each read from any run in
+    ``cache`` (default: ``ReplyCache.default()``, which holds SAE training's corpus replies too) whatever its batching;
+    the missing ones are generated in chunks of ``batch_size`` and written there as one run."""
+    cache = cache or ReplyCache.default()
+    known = cache.by_prompt(llm.model_name, max_new_tokens=max_new_tokens)
+    todo = [p for p in dict.fromkeys(prompts) if _prompt_key(p) not in known]
+    if todo:
+        run = greedy_replies(llm, todo, cache=cache, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, desc="Compliance replies")
+        known.update(zip((_prompt_key(p) for p in todo), run.replies, strict=True))
+    return [known[_prompt_key(p)] for p in prompts]
