@@ -119,7 +119,7 @@ class Replies:
     """The steering policy's identity (a content hash); None for the unsteered model."""
     fired: tuple[tuple[str, ...], ...] | None = None
     """Per reply, the categories that fired (steered replies; for unsteered ones, empty tuples or None)."""
-    torch: str = torch.__version__
+    torch_version: str = torch.__version__
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.replies) or (self.fired is not None and len(self.fired) != len(self.replies)):
@@ -129,11 +129,11 @@ class Replies:
     @property
     def key(self) -> str:
         return reply_key(self.model, self.prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, policy=self.policy,
-                         torch_version=self.torch)
+                         torch_version=self.torch_version)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": REPLY_FORMAT, "model": self.model, "policy": self.policy, "max_new_tokens": self.max_new_tokens,
-                "batch_size": self.batch_size, "torch": self.torch, "prompts": list(self.prompts), "replies": list(self.replies),
+                "batch_size": self.batch_size, "torch": self.torch_version, "prompts": list(self.prompts), "replies": list(self.replies),
                 "fired": None if self.fired is None else [list(f) for f in self.fired]}
 
     @classmethod
