@@ -30,7 +30,7 @@ import re
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ import torch
 from .._hashing import stable_hash as _sha
 from .._sae_lens import import_sae_lens
 from ..errors import TrainingError
-from ..runtime.steering import forward_until
+from .recording import Replies, ReplyCache, layer_outputs
 
 __all__ = [
     "COMPLIANT_OPENERS",
@@ -146,22 +146,22 @@ def generate_replies(
     *,
     max_new_tokens: int = 40,
     batch_size: int = 32,
-    cache: Path | None = None,
+    cache: ReplyCache | None = None,
+    model_name: str | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """The model's greedy replies to ``prompts`` (chat-formatted). ``cache`` is a JSON file of
-    ``{prompt: reply}`` for this model and ``max_new_tokens``; only prompts missing from it are generated."""
+    """The model's greedy replies to ``prompts`` (chat-formatted). With a reply ``cache`` (and the ``model_name``
+    that keys it), a reply the model already gave a prompt with ``max_new_tokens`` new tokens is read from it,
+    whatever the batching (selection's replies count too); the others are generated, shortest first, and written
+    to it as one run (also when generation stops part way)."""
     from tqdm.auto import tqdm
 
-    from ._cache import read_json_cache
 
-    known: dict[str, str] = {}
-    data = read_json_cache(cache) if cache is not None else None
-    if isinstance(data, dict):
-        known = {k: v for k, v in data.items() if isinstance(v, str)}
-    elif data is not None:
-        log.warning("ignoring the reply cache %s: not a JSON object of prompt to reply; regenerating it", cache)
+    if cache is not None and not model_name:
+        raise TrainingError("generate_replies: a reply cache needs the model_name its replies are filed under")
+    known = cache.by_prompt(model_name or "", max_new_tokens=max_new_tokens) if cache is not None else {}
     missing = sorted({p for p in prompts if p not in known}, key=len)  # similar lengths pad less
+    done: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -180,13 +180,11 @@ def generate_replies(
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             for row, p in enumerate(batch):
                 known[p] = tokenizer.decode(gen[row, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            done += batch
     finally:
         tokenizer.padding_side = side
-        if cache is not None and missing:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(known, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-            tmp.replace(cache)
+        if cache is not None and done:
+            cache.put(Replies(str(model_name), tuple(done), tuple(known[p] for p in done), max_new_tokens, batch_size))
     return [known[p] for p in prompts]
 
 
@@ -221,7 +219,7 @@ def build_corpus(
     model: Any,
     tokenizer: Any,
     *,
-    model_key: str,
+    model_name: str,
     unique_tokens: int,
     held_out_tokens: int = 40_000,
     context_size: int = 128,
@@ -231,10 +229,9 @@ def build_corpus(
     """The default training corpus (see the module docstring), about ``unique_tokens`` tokens of train text.
 
     Each prompt source is split on its own with ``safeguard.lab.datasets.split`` at its defaults (30 % held out,
-    seed 0), the project's standard split, so SAEs never see the held-out prompts that evaluations use. Model
-    replies are cached under the safeguard cache.
+    seed 0), the project's standard split, so SAEs never see the held-out prompts that evaluations use. The model's
+    replies are read from and written to the reply cache (``recording.ReplyCache.default()``) under ``model_name``.
     """
-    from ..runtime.models import cache_root
     from . import datasets as ds
 
     advbench, donotanswer, harmless = ds.split(ds.load_advbench()), ds.split(ds.load_donotanswer()), ds.split(ds.load_harmless())
@@ -243,8 +240,7 @@ def build_corpus(
     held += sorted(harmless.held_out, key=lambda p: _sha(p.text))[:40]
     train_prompts = [p.text for p in harmful_train + harmless.train]
     held_prompts = [p.text for p in held]
-    cache = cache_root() / "corpus" / f"replies-{model_key}-40.json"
-    replies = generate_replies(model, tokenizer, train_prompts + held_prompts, cache=cache, progress=progress)
+    replies = generate_replies(model, tokenizer, train_prompts + held_prompts, cache=ReplyCache.default(), model_name=model_name, progress=progress)
     train_replies, held_replies = replies[: len(train_prompts)], replies[len(train_prompts) :]
 
     def chats(prompts: list[str], replies: list[str]) -> tuple[list[str], int]:
@@ -292,15 +288,6 @@ def build_corpus(
 # Activations
 
 
-def _decoder_layers(model: Any) -> Any:
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TrainingError(f"{type(model).__name__} has no .model.layers; safeguard trains SAEs on Llama-style decoder models")
-    return layers
-
-
-@torch.no_grad()
 def collect_activations(
     model: Any,
     tokenizer: Any,
@@ -323,48 +310,27 @@ def collect_activations(
     """
     from tqdm.auto import tqdm
 
-    blocks = _decoder_layers(model)
-    deepest = max(layers)
+
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][:context_size] for t in texts]
     encoded = [ids for ids in encoded if len(ids) >= 2]
     total = min(max_tokens, sum(len(ids) - 1 for ids in encoded))
     d = int(model.config.hidden_size)
     out = {layer: torch.empty(total, d, dtype=torch.float32) for layer in layers}
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    captured: dict[int, torch.Tensor] = {}
-
-    def make_hook(layer: int) -> Callable[..., None]:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            captured[layer] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    handles = []
-    try:
-        for layer in layers:
-            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
-        filled = 0
-        pbar = tqdm(total=total, desc="Collecting activations", unit="tok", disable=not progress)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    filled = 0
+    with tqdm(total=total, desc="Collecting activations", unit="tok", disable=not progress) as pbar:
         for start in range(0, len(order), batch_size):
             if filled >= total:
                 break
-            batch = [encoded[i] for i in order[start : start + batch_size]]
-            width = max(len(ids) for ids in batch)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch])
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch])
-            forward_until(model, blocks[deepest], input_ids=input_ids, attention_mask=mask)
+            captured, mask = layer_outputs(model, [encoded[i] for i in order[start : start + batch_size]], layers, pad_id=pad, side="right")
             keep = mask.bool()
             keep[:, 0] = False
             n = min(int(keep.sum()), total - filled)
             for layer in layers:
-                out[layer][filled : filled + n] = captured[layer][keep][:n].float()
+                out[layer][filled : filled + n] = captured[layer][keep][:n]
             filled += n
             pbar.update(n)
-        pbar.close()
-    finally:
-        for handle in handles:
-            handle.remove()
     acts = {layer: a[:filled] for layer, a in out.items()}
     if max_norm_ratio is not None and filled:
         keep = torch.ones(filled, dtype=torch.bool)
@@ -565,7 +531,7 @@ def train_sae(
         corpus = build_corpus(
             model,
             tokenizer,
-            model_key=_sha(name)[:8] + "-" + re.sub(r"\W", "", name)[:40],
+            model_name=name,
             unique_tokens=unique,
             seed=seed,
             progress=progress,

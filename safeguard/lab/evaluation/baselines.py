@@ -115,8 +115,9 @@ def dense_refusal_direction(llm: Any, layer: int, *, prompts: Sequence[str] | No
     import torch
     from safetensors.torch import load_file, save_file
 
+    from ..recording import compliance_replies
     from ..refusal import is_refusal
-    from ..selection.activations import collect_reply_stats, compliance_replies
+    from ..selection.activations import collect_reply_stats
     from ..selection.data import _cap, selection_data
     from ..training import COMPLIANT_OPENERS, REFUSALS
 

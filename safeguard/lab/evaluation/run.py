@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..._hashing import stable_hash as _sha
 from ...errors import EvaluationError
 from ..refusal import PhraseJudge, RefusalJudge, prompt_text
 from . import baselines as bl
@@ -42,34 +40,14 @@ def steered_replies(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens
 
 def _replies(llm: Any, prompts: list[str], policy: Any, *, max_new_tokens: int, batch_size: int, cache_dir: str | Path | None, progress: bool,
              desc: str, identity: str | None = None) -> list[tuple[str, tuple[str, ...]]]:
-    """Greedy (reply, fired) per prompt, unsteered when ``policy`` is None, read from or written to the JSON cache
-    ``<cache_dir>/{unsteered|steered}-<key>.json``."""
-    import torch
-    from tqdm.auto import tqdm
+    """Greedy (reply, fired) per prompt, unsteered when ``policy`` is None: the exact run (these prompts in these
+    chunks) from the reply cache in ``cache_dir`` (default: the safeguard cache's), else generated and written there."""
+    from ..recording import ReplyCache, greedy_replies
 
-    from ...runtime.models import cache_root
-    from .._cache import read_json_cache
-
-    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "eval"
-    which = [] if policy is None else [identity or policy.content_hash]
-    key = _sha(llm.model_name, *which, prompts, max_new_tokens, batch_size, torch.__version__)[:20]
-    cache = folder / f"{'unsteered' if policy is None else 'steered'}-{key}.json"
-    data = read_json_cache(cache)
-    if isinstance(data, dict):
-        replies, fired = data.get("replies"), data.get("fired", [[]] * len(prompts))
-        if (isinstance(replies, list) and isinstance(fired, list) and len(replies) == len(prompts) == len(fired)
-                and all(isinstance(r, str) for r in replies) and all(isinstance(f, list) for f in fired)):
-            return [(r, tuple(f)) for r, f in zip(replies, fired, strict=True)]
-    out: list[tuple[str, tuple[str, ...]]] = []
-    for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        results = llm.batch(prompts[lo:lo + batch_size], steer=policy is not None, policy=policy, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        out += [(r.text, tuple(r.report.fired)) for r in results]
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": llm.model_name, "policy": None if policy is None else which[0], "prompts": prompts,
-                               "replies": [t for t, _ in out], "fired": [list(f) for _, f in out]}))
-    tmp.replace(cache)
-    return out
+    run = greedy_replies(llm, prompts, cache=ReplyCache.default(cache_dir), max_new_tokens=max_new_tokens, batch_size=batch_size, policy=policy,
+                         identity=identity, progress=progress, desc=desc)
+    fired = run.fired if run.fired is not None else ((),) * len(prompts)
+    return list(zip(run.replies, fired, strict=True))
 
 
 def _groups(sets: EvalSets) -> list[tuple[str, list[Any], list[str]]]:

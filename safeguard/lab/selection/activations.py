@@ -2,61 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ...errors import SelectionError
-from .data import _sha
+from ..recording import compliance_replies, encode_prompt, layer_outputs  # noqa: F401  (compliance_replies: re-exported)
 from .stats import RunningStats
-
-
-@torch.inference_mode()
-def _capture(model: Any, rows: Sequence[Sequence[int]], layers: Sequence[int], pad_id: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Outputs of decoder ``layers`` for left-padded ``rows`` (positions as generate computes them); the forward
-    stops after the deepest layer. Returns ({layer: (B, T, d)}, attention mask (B, T))."""
-    from ...runtime.steering import decoder_layers, forward_until, generate_positions
-
-    blocks = decoder_layers(model)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(list(r))
-        attn[i, width - len(r):] = 1
-    captured: dict[int, torch.Tensor] = {}
-
-    def hook_for(layer: int) -> Callable[..., None]:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            captured[layer] = (output[0] if isinstance(output, tuple) else output).float()
-
-        return hook
-
-    handles = []
-    try:
-        for layer in sorted(set(layers)):
-            handles.append(blocks[layer].register_forward_hook(hook_for(layer)))
-        dev = model.device
-        forward_until(model, blocks[max(layers)], input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=generate_positions(attn).to(dev))
-    finally:
-        for h in handles:
-            h.remove()
-    return {layer: captured[layer].cpu() for layer in layers}, attn
-
-
-
-def encode_prompt(llm: Any, prompt: Any) -> tuple[list[int], list[bool]]:
-    """Token ids of a chat-formatted prompt and the mask of the tokens detection reads, exactly as the engine
-    builds them: a text is one user turn; a ``Chat`` is read at its last user turn, in context."""
-    from .data import Chat, model_input
-
-    if isinstance(prompt, Chat):
-        return llm._encode_one(model_input(prompt), True, turns="last")
-    return llm._encode_one(prompt, True)
-
 
 
 def _token_batches(items: Sequence[Any], batch_size: int, max_tokens: int) -> list[Any]:
@@ -152,7 +106,7 @@ def collect_prompt_stats(llm: Any, groups: Mapping[str, Sequence[str]], *, detec
     norm_sum, norm_n = 0.0, 0
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc="Prompt statistics", unit="batch", disable=not progress):
-        acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], sorted({detect_layer, steer_layer}), pad)
+        acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], sorted({detect_layer, steer_layer}), pad_id=pad)
         user = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         hd, hs = acts[detect_layer], acts[steer_layer]
         feats = _sae_encode(sae, hd[user])  # (tokens, d_sae)
@@ -198,7 +152,7 @@ def collect_reply_stats(llm: Any, pairs: Sequence[tuple[str, str, str]], *, laye
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for lo in tqdm(range(0, len(items), batch_size), desc="Reply statistics", unit="batch", disable=not progress):
         batch = items[lo:lo + batch_size]
-        acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], [layer], pad)
+        acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], [layer], pad_id=pad)
         mask = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         for g in ("refusal", "compliance"):
             rows = torch.tensor([i for i, (gi, _) in enumerate(batch) if gi == g], dtype=torch.long)
@@ -209,41 +163,3 @@ def collect_reply_stats(llm: Any, pairs: Sequence[tuple[str, str, str]], *, laye
                 stats.update(g, _sae_encode(sae, h))
                 resid.update(g, h)
     return ReplyStats(stats, resid)
-
-
-
-def compliance_replies(llm: Any, prompts: Sequence[str], *, max_new_tokens: int = 40, batch_size: int = 8, progress: bool = True) -> list[str]:
-    """The model's own greedy replies (what it says when it complies), from any reply cache of SAE training
-    (``<cache>/corpus``) or of earlier selections, else generated and cached."""
-    from tqdm.auto import tqdm
-
-    from ...runtime.models import cache_root
-
-    known: dict[str, str] = {}
-    for folder in (cache_root() / "corpus", cache_root() / "selection"):
-        for f in sorted(folder.glob("replies-*.json")) if folder.is_dir() else []:
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, ValueError):  # JSON, never a pickle; an unreadable file is skipped
-                continue
-            if not isinstance(data, dict):
-                continue
-            if data.get("model", llm.model_name) != llm.model_name and f.parent.name == "selection":
-                continue
-            if f.parent.name == "corpus" and llm.model_name.lower().replace("-", "") not in f.name.lower().replace("-", ""):
-                continue
-            if isinstance(data, dict) and isinstance(data.get("prompts"), list):
-                known.update(zip(data["prompts"], data.get("replies", []), strict=False))
-            elif isinstance(data, dict):  # {prompt: reply}
-                known.update((k, v) for k, v in data.items() if isinstance(v, str))
-    todo = [p for p in dict.fromkeys(prompts) if p not in known]
-    if todo:
-        new: list[str] = []
-        for lo in tqdm(range(0, len(todo), batch_size), desc="Compliance replies", unit="batch", disable=not progress):
-            new += [r.text for r in llm.batch(todo[lo:lo + batch_size], steer=False, max_new_tokens=max_new_tokens, batch_size=batch_size)]
-        known.update(zip(todo, new, strict=True))
-        folder = cache_root() / "selection"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"replies-{_sha(llm.model_name, todo)[:16]}.json").write_text(json.dumps({"model": llm.model_name, "prompts": todo, "replies": new}))
-    return [known[p] for p in prompts]
-

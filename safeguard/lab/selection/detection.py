@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from ...errors import SelectionError
-from .activations import _capture, _left_pad_mask, _pool, _token_batches, encode_prompt
+from ..recording import encode_prompt, layer_outputs
+from .activations import _left_pad_mask, _pool, _token_batches
 
 
 def choose_threshold(positive: torch.Tensor, negative: torch.Tensor, *, max_fpr: float = 0.0, margin: float = 0.1) -> float:
@@ -168,7 +169,7 @@ def pooled_features(llm: Any, prompts: Sequence[str], features: Sequence[int], *
     items = sorted(((i, encode_prompt(llm, p)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc=desc, unit="batch", disable=not progress):
-        acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], [layer], pad)
+        acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], [layer], pad_id=pad)
         user = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         f = enc(acts[layer][user].to(llm.device)).float()
         out[torch.tensor([i for i, _ in batch])] = _pool(f, user.nonzero()[:, 0], len(batch), reduce)
@@ -196,7 +197,7 @@ def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detec
     items = sorted(((i, encode_prompt(llm, p)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc=desc, unit="batch", disable=not progress):
-        acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], [layer], pad)
+        acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], [layer], pad_id=pad)
         user = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         f = enc(acts[layer].to(llm.device)).float().cpu()  # (B, T, k)
         for d in detectors:

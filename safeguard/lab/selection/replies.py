@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .activations import _capture, _left_pad_mask, _token_batches
+from ..recording import layer_outputs
+from .activations import _left_pad_mask, _token_batches
 from .detection import Detector, choose_threshold
 
 __all__ = ["ReplyCalibration", "calibrate_reply_thresholds", "encode_reply", "reply_scores"]
@@ -54,7 +55,7 @@ def reply_scores(llm: Any, pairs: Sequence[tuple[Any, str | Sequence[int]]], det
     items = sorted(((i, encode_reply(llm, p, r)) for i, (p, r) in enumerate(pairs)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc="Reply scores", unit="batch", disable=not progress):
-        acts, attn = _capture(llm.model, [ids for _, (ids, _) in batch], [layer], pad)
+        acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], [layer], pad_id=pad)
         mask = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         for j, (i, _) in enumerate(batch):
             if mask[j].any():
