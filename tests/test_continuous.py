@@ -188,15 +188,16 @@ def test_an_abandoned_row_frees_its_slot_and_the_others_go_on(llm):
 
 def test_closing_a_stream_frees_its_slot(llm):
     llm.enable_batching(window_ms=0, max_batch=1)
+    batcher = llm.batcher
     try:
         s = llm.stream(LONG, max_new_tokens=60, steer=False)
         next(s)
         s.close()
         assert s.result.completion_tokens < 60
         assert llm.generate(SHORT, max_new_tokens=3, steer=False).completion_tokens == 3  # the only slot is free again
-        assert llm.batcher.running == 0
     finally:
         llm.disable_batching()
+    assert batcher.running == 0 and batcher.pending == 0
 
 
 def test_openers_and_blocks_of_rows_joining_mid_flight(tiny_model, tokenizer, saes, tmp_path):
@@ -286,3 +287,33 @@ def test_requests_from_many_threads_all_end(llm):
     finally:
         llm.disable_batching()
     assert len(out) == 16 and all(got == want for got, want in out.values())
+
+
+def test_a_failed_shared_prefill_is_retried_row_by_row(llm, monkeypatch, caplog):
+    """A row whose detection raises breaks the prefill it shares: the rows are prefilled again one by one, the bad
+    one gets its error, a streaming neighbour its single request's text."""
+    bad = Policy.from_dict(policy_dict() | {"name": "bad"})
+    detect = RunState._detect
+
+    def flaky(self, layer, h):
+        if any(p is not None and p.policy.name == "bad" for p in self.policies):
+            raise RuntimeError("boom")
+        return detect(self, layer, h)
+
+    monkeypatch.setattr(RunState, "_detect", flaky)
+    solo = llm.generate(SHORT, max_new_tokens=8)
+    llm.enable_batching(window_ms=300, max_batch=8)
+    fw = _Forwards(llm)
+    try:
+        good = llm.batcher.submit(SHORT, None, Settings(8), stream=True)
+        doomed = llm.batcher.submit("a b c", llm.compile_policy(bad), Settings(8))
+        text = "".join(good.result())
+        with pytest.raises(RuntimeError, match="boom"):
+            doomed.result()
+    finally:
+        fw.remove()
+        llm.disable_batching()
+    assert text == solo.text
+    assert [rows for positions, rows in fw.log if positions > 1] == [2, 1, 1]  # together, then each alone
+    assert "a prefill of 2 rows failed (RuntimeError); prefilling them one by one" in caplog.text
+    assert hooks_on(llm.model) == 0

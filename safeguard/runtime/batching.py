@@ -1,7 +1,9 @@
-"""Micro-batching in the engine: concurrent requests that arrive within a short window share one padded generate call.
+"""Batching settings, jobs, and the window micro-batcher (``BatchingConfig(mode="window")``): concurrent requests that
+arrive within a short window share one padded generate call. The default mode, ``iteration``, is ``continuous.py``:
+requests join the running batch between decode steps.
 
 ``SteeredLLM(..., batching=BatchingConfig(window_ms=5, max_batch=8))`` (or ``llm.enable_batching()``) routes
-``generate`` / ``chat`` / ``stream`` and their async forms through one ``MicroBatcher`` owned by the model;
+``generate`` / ``chat`` / ``stream`` and their async forms through one batcher owned by the model;
 ``safeguard serve`` submits its requests to the same batcher. Off by default: then every call is its own generate,
 serialized by the model lock.
 

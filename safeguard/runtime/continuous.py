@@ -304,25 +304,31 @@ class IterationBatcher:
                             use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
         cache = out.cache
-        for i, r in enumerate(rows):
-            r.full = ids[i].tolist()
-            r.length = len(r.ids)
-            self._start_row(r, run.row_state(i))
-            self._setup_sampling(r, width)
         keep: list[int] = []
-        for i, r in enumerate(rows):
-            self._advance(r, logits[i:i + 1])
-            if not r.done:
-                keep.append(i)
-                r.hooks = r.run.decode_hooks()  # type: ignore[union-attr]
+        for i, r in enumerate(rows):  # from here on, an error is one row's own
+            try:
+                r.full = ids[i].tolist()
+                r.length = len(r.ids)
+                self._start_row(r, run.row_state(i))
+                self._setup_sampling(r, width)
+                self._advance(r, logits[i:i + 1])
+                if not r.done:
+                    r.hooks = r.run.decode_hooks()  # type: ignore[union-attr]
+                    keep.append(i)
+            except Exception as exc:
+                self._fail(r, exc)
         if not keep:
             return
-        mask = attn[keep].to(dev)
-        if len(keep) < n:
-            idx = torch.tensor(keep, device=dev)
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-        self._join([rows[i] for i in keep], cache, mask)
+        try:
+            mask = attn[keep].to(dev)
+            if len(keep) < n:
+                idx = torch.tensor(keep, device=dev)
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            self._join([rows[i] for i in keep], cache, mask)
+        except Exception as exc:  # not retried: their streams may be handed out
+            for i in keep:
+                self._fail(rows[i], exc)
 
     def _setup_sampling(self, r: _Row, width: int) -> None:
         """The row's logits processors as ``generate`` builds them for its settings, with the engine's own (blocked
@@ -469,20 +475,24 @@ class IterationBatcher:
         except Exception as exc:
             self._fail(r, exc)
             return
-        r.span.record_result(result)
-        r.span.end()
+        if r.span is not None:
+            r.span.record_result(result)
+            r.span.end()
+            r.span = None
         r.out.end(0, result)
 
     def _fail(self, r: _Row, exc: BaseException) -> None:
+        """End the row with ``exc``: its stream (or its result callback) raises it, or its future, when the row never
+        started."""
         if r.span is not None:
             r.span.error(exc)
             r.span.end()
-        if r.rows is None:  # never started: its future is still waiting
-            if not r.job.future.done():
-                r.job.future.set_exception(exc)
-            return
-        r.rows.done[0] = True
+            r.span = None
+        if r.rows is not None:
+            r.rows.done[0] = True
         r.out.end(0, None, exc)
+        if not r.job.future.done():
+            r.job.future.set_exception(exc)
 
     def _rerun(self, rows: list[_Row], exc: BaseException) -> None:
         """A shared decode step raised: run each row again alone (``SteeredLLM._run``), so that one bad row cannot fail
@@ -511,9 +521,10 @@ class IterationBatcher:
                     r.emitted += new
                     r.out.piece(0, new)
 
-            if r.span is not None:
+            if r.span is not None:  # the rerun has a span of its own
                 r.span.error(exc)
                 r.span.end()
+                r.span = None
             try:
                 result = llm._run([r.job.prompt], [r.policy], max_new_tokens=r.max_new, temperature=r.temperature, stop=None, stops=[r.stops],
                                   template=s.template, seed=r.seed, extra=r.extra, stop_when=[r.stop_when],

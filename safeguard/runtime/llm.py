@@ -7,9 +7,11 @@ Prompt to text::
         ─► text cut at end-of-turn or a stop string ─► GenerationResult(text, report)
 
 Batching (opt-in, ``batching=BatchingConfig(...)`` or ``enable_batching()``): ``generate`` / ``chat`` / ``stream``
-and their async forms queue a row with the model's ``MicroBatcher`` (``batching.py``) instead of taking the model
-lock themselves; concurrent calls with the same sampler then share one padded ``stream_batch`` call, each row under
-its own policy, max tokens, stop strings and cancellation. Off, each call is its own generate.
+and their async forms queue a row with the model's batcher instead of taking the model lock themselves. The default,
+``IterationBatcher`` (``continuous.py``), runs its own decode loop: a row joins the running batch between decode
+steps and leaves it when it ends, each under its own policy, max tokens, stop strings, sampler and cancellation.
+``mode="window"``: the ``MicroBatcher`` (``batching.py``), where concurrent calls with the same sampler share one
+padded ``stream_batch`` call. Off, each call is its own generate.
 
 Two locks. Generation holds ``_model_lock``: hooks are registered on the one shared model for the length of a
 call, so two threads never see each other's steering (per-row policies in one batch need no lock between rows).

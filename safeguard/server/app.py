@@ -3,7 +3,8 @@
 Request to reply::
 
     POST /v1/chat/completions ─► API key ─► body limit ─► ChatRequest (400 naming the field) ─► policy by name
-        ─► admission (429 when the queue is full) ─► MicroBatcher: one generate for concurrent requests, streaming or not
+        ─► admission (429 when the queue is full) ─► the engine's batcher: concurrent requests, streaming or not, share
+           decode steps (they join between steps; ``runtime/continuous.py``)
         ─► reply with usage and the steering report under ``safeguard`` ─► metrics, one log record
 
 Policies are named on the server (``policies={"eu": "policies/eu.yaml"}``); a request picks one with
