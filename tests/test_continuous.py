@@ -317,3 +317,20 @@ def test_a_failed_shared_prefill_is_retried_row_by_row(llm, monkeypatch, caplog)
     assert [rows for positions, rows in fw.log if positions > 1] == [2, 1, 1]  # together, then each alone
     assert "a prefill of 2 rows failed (RuntimeError); prefilling them one by one" in caplog.text
     assert hooks_on(llm.model) == 0
+
+
+def test_models_whose_cache_cannot_be_joined_fall_back_to_the_window_batcher(llm, caplog):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from safeguard.runtime.continuous import supports_iteration
+
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, sliding_window=8))
+    assert supports_iteration(llm.model) and not supports_iteration(sliding)
+    llm._loaded.model, real = sliding, llm.model
+    try:
+        assert llm.enable_batching().mode == "window" and type(llm.batcher).__name__ == "MicroBatcher"
+        assert "falls back to mode='window'" in caplog.text
+    finally:
+        llm.disable_batching()
+        llm._loaded.model = real

@@ -48,11 +48,17 @@ log = logging.getLogger("safeguard")
 
 def supports_iteration(model: Any) -> bool:
     """Whether ``model``'s KV cache can be left-padded and joined row by row: every layer a plain ``DynamicLayer``
-    (no sliding window, no linear attention state)."""
+    (no sliding window, no linear attention state), and its forward takes ``cache``, ``position_ids`` and
+    ``logits_to_keep`` (transformers 5)."""
+    import inspect
+
     try:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
+        params = inspect.signature(model.forward).parameters
+        if not {"cache", "position_ids", "attention_mask", "logits_to_keep"} <= set(params):
+            return False
         return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
     except Exception:  # an unknown model or transformers version: the window micro-batcher serves it
         return False
