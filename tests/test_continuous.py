@@ -17,8 +17,11 @@ import threading
 import pytest
 from _tiny import hooks_on, policy_dict
 from test_openers import OPENER, REFUSE, llm_with, pack_with, pol
+from test_reply import BLOCK, found, reply_pack  # noqa: F401  (found is a fixture)
+from test_reply import PROMPT as REPLY_PROMPT
+from test_reply import pol as reply_pol
 
-from safeguard import Policy
+from safeguard import Policy, SteeredLLM
 from safeguard.runtime.batching import Settings
 from safeguard.runtime.steering import RunState
 
@@ -334,3 +337,36 @@ def test_models_whose_cache_cannot_be_joined_fall_back_to_the_window_batcher(llm
     finally:
         llm.disable_batching()
         llm._loaded.model = real
+
+
+def test_reply_watching_of_rows_joining_mid_flight(found, saes, tmp_path):  # noqa: F811
+    """Rows whose pack category fires in the reply (refuse: steered from the next token; block: ended with the
+    message) join a running batch at different steps: each fires at the same token as its single request, and its
+    text and report equal the single request's."""
+    loaded, feature, threshold, t = found
+    llm = SteeredLLM(loaded, saes, None, pack=reply_pack(tmp_path / "p", feature=feature, threshold=threshold))
+    quiet = reply_pol(watch_reply=False)
+    single = [llm.generate(LONG, policy=quiet, max_new_tokens=30), llm.generate(REPLY_PROMPT, policy=reply_pol(), max_new_tokens=10),
+              llm.generate(REPLY_PROMPT, policy=reply_pol("block"), max_new_tokens=10)]
+    assert [d.where for d in single[1].report.decisions if d.fired] == ["reply"] and single[1].report.decisions[0].token == t
+    assert single[2].text == BLOCK and single[2].finish_reason == "content_filter"
+    llm.enable_batching(window_ms=0)
+    jobs: list = []
+
+    def submit(policy, stream):
+        return lambda: jobs.append(llm.batcher.submit(REPLY_PROMPT, llm.compile_policy(policy), Settings(10), stream=stream))
+
+    fw = _Forwards(llm, at={3: submit(reply_pol(), False), 5: submit(reply_pol("block"), True)})
+    try:
+        first = llm.generate(LONG, policy=quiet, max_new_tokens=30)
+        refused = jobs[0].result()
+        stream = jobs[1].result()
+        pieces = list(stream)
+    finally:
+        fw.remove()
+        llm.disable_batching()
+    _same(first, single[0])
+    _same(refused, single[1])
+    _same(stream.result, single[2])
+    assert pieces[-1] == BLOCK
+    assert max(rows for _, rows in fw.log) == 3

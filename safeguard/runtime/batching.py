@@ -73,7 +73,8 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class Settings:
-    """Generation settings of one request. Only ``key`` (the sampler) must be shared by a batch's rows."""
+    """Generation settings of one request. In the window micro-batcher only ``key`` (the sampler) must be shared by a
+    batch's rows; the iteration batcher (``continuous.py``) shares none of them."""
 
     max_new_tokens: int
     temperature: float | None = None

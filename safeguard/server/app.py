@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import telemetry
 from ..errors import InputError, PolicyError, SafeguardError
 from ..runtime.batching import BatchingConfig, MicroBatcher, Settings
+from ..runtime.continuous import IterationBatcher
 from .metrics import Metrics
 from .protocol import (
     ApiError,
@@ -135,7 +136,7 @@ class _Server:
         self.metrics = Metrics()
         self.llm: Any = None
         self.table: PolicyTable | None = None
-        self.batcher: MicroBatcher | None = None
+        self.batcher: IterationBatcher | MicroBatcher | None = None
         self._owns_batching = False
         self.inflight = 0
         self._started = threading.Lock()
