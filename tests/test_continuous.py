@@ -370,3 +370,15 @@ def test_reply_watching_of_rows_joining_mid_flight(found, saes, tmp_path):  # no
     _same(stream.result, single[2])
     assert pieces[-1] == BLOCK
     assert max(rows for _, rows in fw.log) == 3
+
+
+def test_max_time_ends_a_row_as_a_single_request(llm):
+    """``max_time`` is the row's own: 0 s ends it after its first token with finish reason ``time``, as alone."""
+    alone = llm.generate(SHORT, max_new_tokens=50, max_time=0.0, steer=False)
+    llm.enable_batching(window_ms=0)
+    try:
+        batched = llm.generate(SHORT, max_new_tokens=50, max_time=0.0, steer=False)
+    finally:
+        llm.disable_batching()
+    assert (alone.finish_reason, alone.completion_tokens) == ("time", 1)
+    _same(batched, alone)
