@@ -1,4 +1,4 @@
-"""``safeguard serve`` under load: the micro-batcher against the serialized queue, in one run, on the embedded model.
+"""``safeguard serve`` under load: the engine's batching (``--mode``) against the serialized queue, in one run, on the embedded model.
 
 A closed-loop load generator: C client threads, each sending its requests one after another (a fixed number, so
 every loop is bounded) to 127.0.0.1 only, alternating the ``eu`` and ``us`` policies per client. Two servers run
@@ -10,7 +10,7 @@ Reported per level and mode: completion tokens/s and requests/s over the level's
 non-streaming requests, and p50/p95 time to first token of streaming requests (a second, smaller pass, one request
 per client, both modes: streams join batches as non-streaming requests do).
 
-    python benchmarks/bench_server.py [--clients 1 4 8 16] [--tokens 32] [--requests 16] [--threads 1]
+    python benchmarks/bench_server.py [--clients 1 4 8 16] [--tokens 32] [--requests 16] [--threads 1] [--mode iteration]
 """
 
 from __future__ import annotations
@@ -113,16 +113,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
     ap.add_argument("--requests", type=int, default=16, help="requests per level (at least one per client)")
     ap.add_argument("--window-ms", type=float, default=10.0)
+    ap.add_argument("--mode", choices=["iteration", "window"], default="iteration",
+                    help="the engine's batching: rows join between decode steps (default), or the window micro-batcher")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pack", default=None, help="a detector pack file (default: the bundled one)")
     ap.add_argument("--no-stream", action="store_true", help="skip the time-to-first-token pass")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from safeguard import SteeredLLM
+    from safeguard import BatchingConfig, SteeredLLM
     from safeguard.server import ServerConfig, create_app
 
-    llm = SteeredLLM.from_pretrained(pack=args.pack)
+    llm = SteeredLLM.from_pretrained(pack=args.pack, batching=BatchingConfig(window_ms=args.window_ms, max_batch=8, mode=args.mode))
     policies = {"eu": "eu", "us": "us"}  # shipped policy names
     # two SteeredLLMs over the same loaded weights, so each server owns its engine's batching setting (a model that
     # already batches keeps its own settings); the levels run one mode at a time, never both at once
@@ -131,7 +133,7 @@ def main() -> None:
     off = create_app(other, policies, config=ServerConfig(batching=False))
     llm.generate("warm up", max_new_tokens=4)
     print(f"model {llm.model_name}, policies eu/us alternating, max_tokens {args.tokens}, greedy, {args.threads} torch thread(s), "
-          f"window {args.window_ms} ms, max batch 8; clients, servers and model share this process")
+          f"batching mode {args.mode}, window {args.window_ms} ms, max batch 8; clients, servers and model share this process")
     head = f"{'clients':>7} {'mode':<10} {'reqs':>4} {'tok/s':>7} {'req/s':>6} {'p50 s':>6} {'p95 s':>6}"
     results: dict[tuple[int, str], dict[str, float]] = {}
     with _Live(on) as base_on, _Live(off) as base_off:

@@ -1,7 +1,8 @@
 """Batching in the engine (tiny random Llama): concurrent generate / chat / stream calls on one SteeredLLM, from threads
 and from asyncio, share padded generate calls, each row under its own policy and settings. Forward passes are counted
 with a pre-hook (prefills: calls with more than one new position), never timed. On this model left padding leaves the
-greedy tokens unchanged, so batched texts equal the sequential ones exactly."""
+greedy tokens unchanged, so batched texts equal the sequential ones exactly. Every test runs in both batching modes:
+``iteration`` (the default: rows join between decode steps, tests/test_continuous.py) and ``window``."""
 
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ class _Forwards:
         self._h.remove()
 
 
+@pytest.fixture(params=["iteration", "window"])
+def mode(request) -> str:
+    return request.param
+
+
 def _settings(i: int) -> dict:
     return {"policy": Policy.from_dict(OTHER) if i % 2 else None, "max_new_tokens": 4 + (i % 3) * 3}
 
@@ -71,16 +77,20 @@ def test_batching_is_off_by_default_and_validated(llm):
         BatchingConfig(window_ms=5, max_batch=0)
     with pytest.raises(InputError, match="window_ms"):
         llm.enable_batching(window_ms=float("nan"))
+    with pytest.raises(InputError, match="mode"):
+        BatchingConfig(mode="continuous")
     cfg = llm.enable_batching(window_ms=1, max_batch=4)
-    assert llm.batching == cfg == BatchingConfig(1, 4)
+    assert llm.batching == cfg == BatchingConfig(1, 4) and cfg.mode == "iteration"
+    assert type(llm.batcher).__name__ == "IterationBatcher"
+    assert type(llm.enable_batching(mode="window")).__name__ == "BatchingConfig" and type(llm.batcher).__name__ == "MicroBatcher"
     llm.disable_batching()
     assert llm.batching is None
 
 
-def test_concurrent_generate_threads_equal_sequential_with_fewer_prefills(llm):
+def test_concurrent_generate_threads_equal_sequential_with_fewer_prefills(llm, mode):
     n = len(PROMPTS)
     sequential = [llm.generate(PROMPTS[i], **_settings(i)) for i in range(n)]
-    llm.enable_batching(window_ms=500, max_batch=8)  # a wide window: every thread joins the first batch
+    llm.enable_batching(mode=mode, window_ms=500, max_batch=8)  # a wide window: every thread joins the first batch
     fw = _Forwards(llm)
     try:
         batched = _threads(lambda i: llm.generate(PROMPTS[i], **_settings(i)), n)
@@ -96,11 +106,11 @@ def test_concurrent_generate_threads_equal_sequential_with_fewer_prefills(llm):
     assert hooks_on(llm.model) == 0
 
 
-def test_concurrent_chat_and_stream_threads_equal_sequential(llm):
+def test_concurrent_chat_and_stream_threads_equal_sequential(llm, mode):
     chats = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
     seq_chat = [llm.chat(c, max_new_tokens=6).text for c in chats]
     seq_stream = [llm.generate(p, max_new_tokens=8, stop=["zzz"]).text for p in PROMPTS[:4]]
-    llm.enable_batching(window_ms=500, max_batch=8)
+    llm.enable_batching(mode=mode, window_ms=500, max_batch=8)
     fw = _Forwards(llm)
     try:
         def work(i: int) -> str:
@@ -116,10 +126,10 @@ def test_concurrent_chat_and_stream_threads_equal_sequential(llm):
     assert fw.prefills < 8
 
 
-async def test_concurrent_async_calls_share_forward_passes(llm):
+async def test_concurrent_async_calls_share_forward_passes(llm, mode):
     n = 4
     sequential = [llm.generate(PROMPTS[i], **_settings(i)).text for i in range(n)]
-    llm.enable_batching(window_ms=500, max_batch=8)
+    llm.enable_batching(mode=mode, window_ms=500, max_batch=8)
     fw = _Forwards(llm)
 
     async def streamed(i: int) -> str:
@@ -134,8 +144,8 @@ async def test_concurrent_async_calls_share_forward_passes(llm):
     assert fw.prefills < 2 * n
 
 
-def test_samplers_do_not_share_a_batch_and_bad_rows_fail_alone(llm):
-    llm.enable_batching(window_ms=300, max_batch=8)
+def test_samplers_and_bad_rows(llm, mode):
+    llm.enable_batching(mode=mode, window_ms=300, max_batch=8)
     fw = _Forwards(llm)
     try:
         def work(i: int):
@@ -151,12 +161,14 @@ def test_samplers_do_not_share_a_batch_and_bad_rows_fail_alone(llm):
         llm.disable_batching()
     assert isinstance(out[3], InputError) and "context window" in str(out[3])
     assert [r.completion_tokens for r in out[:3]] == [3, 3, 3]
-    assert fw.prefills == 2  # greedy rows together, the sampled row alone (the too-long row never reached the model)
+    # window: greedy rows together, the sampled row alone; iteration: one prefill, each row samples with its own
+    # generator (the too-long row never reached the model)
+    assert fw.prefills == (2 if mode == "window" else 1)
 
 
-async def test_a_cancelled_batched_call_stops_its_row_only(llm):
+async def test_a_cancelled_batched_call_stops_its_row_only(llm, mode):
     alone = llm.generate(PROMPTS[2], max_new_tokens=30)
-    llm.enable_batching(window_ms=300, max_batch=8)
+    llm.enable_batching(mode=mode, window_ms=300, max_batch=8)
     fw = _Forwards(llm)
     try:
         doomed = asyncio.ensure_future(llm.agenerate(PROMPTS[0], max_new_tokens=200))
@@ -175,9 +187,9 @@ async def test_a_cancelled_batched_call_stops_its_row_only(llm):
     assert hooks_on(llm.model) == 0
 
 
-def test_closing_a_batched_stream_stops_its_row_only(llm):
+def test_closing_a_batched_stream_stops_its_row_only(llm, mode):
     alone = llm.generate(PROMPTS[2], max_new_tokens=20)
-    llm.enable_batching(window_ms=300, max_batch=8)
+    llm.enable_batching(mode=mode, window_ms=300, max_batch=8)
     try:
         def work(i: int) -> str:
             s = llm.stream(PROMPTS[[0, 2][i]], max_new_tokens=20)
@@ -192,8 +204,8 @@ def test_closing_a_batched_stream_stops_its_row_only(llm):
     assert int(out[0]) < 20 and out[1] == alone.text
 
 
-def test_use_policy_and_unbatchable_calls_still_work_with_batching_on(llm):
-    llm.enable_batching(window_ms=1)
+def test_use_policy_and_unbatchable_calls_still_work_with_batching_on(llm, mode):
+    llm.enable_batching(mode=mode, window_ms=1)
     try:
         ref = llm.generate("hi", max_new_tokens=3)
         # a generation argument the batcher does not carry runs the call alone, as before

@@ -1,7 +1,9 @@
-"""Micro-batching in the engine: concurrent requests that arrive within a short window share one padded generate call.
+"""Batching settings, jobs, and the window micro-batcher (``BatchingConfig(mode="window")``): concurrent requests that
+arrive within a short window share one padded generate call. The default mode, ``iteration``, is ``continuous.py``:
+requests join the running batch between decode steps.
 
 ``SteeredLLM(..., batching=BatchingConfig(window_ms=5, max_batch=8))`` (or ``llm.enable_batching()``) routes
-``generate`` / ``chat`` / ``stream`` and their async forms through one ``MicroBatcher`` owned by the model;
+``generate`` / ``chat`` / ``stream`` and their async forms through one batcher owned by the model;
 ``safeguard serve`` submits its requests to the same batcher. Off by default: then every call is its own generate,
 serialized by the model lock.
 
@@ -43,16 +45,24 @@ _solo = itertools.count()
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """Engine batching: concurrent calls arriving within ``window_ms`` of the first waiting one share one generate call
-    of up to ``max_batch`` rows. The window is the price: a call that finds the model idle waits up to ``window_ms``
-    for companions (a full batch leaves at once); a call arriving while a batch generates waits for it to end."""
+    """Engine batching of up to ``max_batch`` rows. ``mode="iteration"`` (default): a call joins the running batch at
+    the next decode step; a call that finds the model idle waits up to ``window_ms`` for companions to share its
+    prefill. ``mode="window"``: calls arriving within ``window_ms`` of the first waiting one share one generate call,
+    and a call arriving while a batch generates waits for it to end."""
 
     window_ms: float = 5.0
     max_batch: int = 8
+    mode: str = "iteration"
+    """``iteration``: requests join the running batch between decode steps and a row that ends frees its slot
+    (``continuous.py``); the window applies only when the model is idle. ``window``: the micro-batcher of this module,
+    where a request arriving while a batch generates waits for it to end."""
 
     def __post_init__(self) -> None:
         import math
         import numbers
+
+        if self.mode not in ("iteration", "window"):
+            raise InputError(f"mode must be 'iteration' or 'window', got {self.mode!r:.40}")
 
         for name, v in (("window_ms", self.window_ms), ("max_batch", self.max_batch)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
@@ -63,7 +73,8 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class Settings:
-    """Generation settings of one request. Only ``key`` (the sampler) must be shared by a batch's rows."""
+    """Generation settings of one request. In the window micro-batcher only ``key`` (the sampler) must be shared by a
+    batch's rows; the iteration batcher (``continuous.py``) shares none of them."""
 
     max_new_tokens: int
     temperature: float | None = None

@@ -7,9 +7,11 @@ Prompt to text::
         ─► text cut at end-of-turn or a stop string ─► GenerationResult(text, report)
 
 Batching (opt-in, ``batching=BatchingConfig(...)`` or ``enable_batching()``): ``generate`` / ``chat`` / ``stream``
-and their async forms queue a row with the model's ``MicroBatcher`` (``batching.py``) instead of taking the model
-lock themselves; concurrent calls with the same sampler then share one padded ``stream_batch`` call, each row under
-its own policy, max tokens, stop strings and cancellation. Off, each call is its own generate.
+and their async forms queue a row with the model's batcher instead of taking the model lock themselves. The default,
+``IterationBatcher`` (``continuous.py``), runs its own decode loop: a row joins the running batch between decode
+steps and leaves it when it ends, each under its own policy, max tokens, stop strings, sampler and cancellation.
+``mode="window"``: the ``MicroBatcher`` (``batching.py``), where concurrent calls with the same sampler share one
+padded ``stream_batch`` call. Off, each call is its own generate.
 
 Two locks. Generation holds ``_model_lock``: hooks are registered on the one shared model for the length of a
 call, so two threads never see each other's steering (per-row policies in one batch need no lock between rows).
@@ -40,6 +42,7 @@ from ..errors import InputError, PolicyError, SAEError
 from ._files import contained_path
 from .batching import BatchingConfig, MicroBatcher, Settings
 from .compile import resolve
+from .continuous import IterationBatcher, supports_iteration
 from .models import LoadedModel, load_model
 from .names import same_model
 from .openers import ForceOpener, uses_openers
@@ -187,7 +190,7 @@ class SteeredLLM:
         """Held for a few dict operations: the active policy and the compile cache."""
         self._compiled: OrderedDict[tuple[str, str | None, bool], CompiledPolicy] = OrderedDict()
         self._active: CompiledPolicy | None = None
-        self._batcher: MicroBatcher | None = None
+        self._batcher: MicroBatcher | IterationBatcher | None = None
         self._batching: BatchingConfig | None = None
         self._batching_lock = threading.Lock()
         if policy is not None:
@@ -266,20 +269,31 @@ class SteeredLLM:
 
     # ----------------------------------------------------------------------------------------- batching
     def enable_batching(self, config: BatchingConfig | None = None, *, window_ms: float | None = None,
-                        max_batch: int | None = None) -> BatchingConfig:
-        """Let concurrent ``generate`` / ``chat`` / ``stream`` calls (threads or asyncio) share padded generate calls.
+                        max_batch: int | None = None, mode: str | None = None) -> BatchingConfig:
+        """Let concurrent ``generate`` / ``chat`` / ``stream`` calls (threads or asyncio) share forward passes.
 
-        A call waits up to ``window_ms`` after the first waiting call for companions with the same sampler
-        (temperature; a seeded sampled call runs alone), then up to ``max_batch`` of them run as one ``stream_batch``;
-        each gets its own result or stream. Enabling it again replaces the batcher (after its pending calls end)."""
+        ``mode="iteration"`` (default): up to ``max_batch`` rows decode together; a call joins the running batch at the
+        next decode step (prefilled first, its detection as in a single call) and a row that ends frees its slot; each
+        row has its own settings, sampler and seed included. When the model is idle, a call waits up to ``window_ms``
+        for companions to share its prefill. ``mode="window"``: a call waits up to ``window_ms`` after the first
+        waiting call for companions with the same sampler, then up to ``max_batch`` of them run as one
+        ``stream_batch``. Each call gets its own result or stream. Enabling it again replaces the batcher (after its
+        pending calls end)."""
         if config is None:
-            config = BatchingConfig(**{k: v for k, v in (("window_ms", window_ms), ("max_batch", max_batch)) if v is not None})
-        elif window_ms is not None or max_batch is not None:
-            raise InputError("pass either a BatchingConfig or window_ms= / max_batch=, not both")
+            config = BatchingConfig(**{k: v for k, v in (("window_ms", window_ms), ("max_batch", max_batch), ("mode", mode)) if v is not None})
+        elif window_ms is not None or max_batch is not None or mode is not None:
+            raise InputError("pass either a BatchingConfig or window_ms= / max_batch= / mode=, not both")
         if not isinstance(config, BatchingConfig):
             raise InputError(f"batching takes a BatchingConfig, not {type(config).__name__}")
+        window_s, max_batch = config.window_ms / 1000, int(config.max_batch)
+        if config.mode == "iteration" and not supports_iteration(self.model):
+            log.warning("%s has a KV cache that cannot be joined row by row (sliding window or linear attention); "
+                        "batching falls back to mode='window'", self.model_name)
+            config = dataclasses.replace(config, mode="window")
         with self._batching_lock:
-            old, self._batcher = self._batcher, MicroBatcher(self, window_s=config.window_ms / 1000, max_batch=int(config.max_batch))
+            new: MicroBatcher | IterationBatcher = (IterationBatcher(self, window_s=window_s, max_batch=max_batch) if config.mode == "iteration"
+                                                    else MicroBatcher(self, window_s=window_s, max_batch=max_batch))
+            old, self._batcher = self._batcher, new
             self._batching = config
         if old is not None:
             old.close()
@@ -298,8 +312,8 @@ class SteeredLLM:
         return self._batching if self._batcher is not None else None
 
     @property
-    def batcher(self) -> MicroBatcher | None:
-        """The engine's micro-batcher while batching is on (``safeguard serve`` submits its requests to it)."""
+    def batcher(self) -> MicroBatcher | IterationBatcher | None:
+        """The engine's batcher while batching is on (``safeguard serve`` submits its requests to it)."""
         return self._batcher
 
     def _batched(self, prompt: Any, compiled: CompiledPolicy | None, shadows: list[CompiledPolicy], *, max_new_tokens: Any,

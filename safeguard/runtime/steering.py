@@ -379,6 +379,37 @@ class RunState:
     def shadow_layers(self) -> set[int]:
         return {layer for row in (self.shadows or ()) for p in row for layer in p.detect_layers}
 
+    def row_state(self, row: int) -> RunState:
+        """After prefill, ``row`` as a run of its own (a batch of one) that continues exactly where this one is: the
+        row's decisions (and shadows'), its masks in this run's padded positions, the forward count and positions.
+        Iteration-level batching decodes each row under its own state (``continuous.py``)."""
+        if self.calls > 1:  # 0: no hooks were needed (no policy on any row)
+            raise SteeringError(f"a row can be taken out of a run only right after its prefill (this run made {self.calls} forward calls)")
+        sl = slice(row, row + 1)
+        out = RunState([self.policies[row]], self.user_mask[sl], self.attention_mask[sl],
+                       shadows=[self.shadows[row]] if self.shadows is not None else None,
+                       last_turn_mask=self.last_turn_mask[sl] if self.last_turn_mask is not None else None)
+        out.decisions = [dict(self.decisions[row])]
+        out.shadow_decisions = [dict(self.shadow_decisions[row])]
+        out.detect_seconds = self.detect_seconds
+        out.calls, out._start, out._seq, out._processed, out._target = self.calls, self._start, self._seq, self._processed, self._target
+        return out
+
+    def decode_hooks(self) -> dict[int, Any]:
+        """A batch-of-one run's hook functions for decode steps, by layer, as ``attach`` would register them (empty
+        once the first decode step found nothing that steers or watches generated tokens). Call ``begin_step()``
+        before each decode forward."""
+        if self.calls >= 2 and not self._watch and not self._steers_generated():
+            return {}
+        p = self.policies[0]
+        detect = set(p.detect_layers) if p is not None else set()
+        steer = set(p.steer_layers) if p is not None and p.enforce else set()
+        return {layer: self.hook(layer, layer in detect, layer in steer) for layer in sorted(detect | steer)}
+
+    def begin_step(self) -> None:
+        """One decode forward of one new position is about to run (what ``attach``'s pre-hook records)."""
+        self._begin_call(1)
+
     def fired(self, row: int) -> list[str]:
         return [c for c, d in self.decisions[row].items() if d.fired]
 

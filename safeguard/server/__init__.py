@@ -11,6 +11,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"safeguard.server needs the 'serve' extra: pip install 'safeguard[serve]' ({exc})") from exc
 
 from .app import MODEL_PREFIX, PolicyTable, ServerConfig, config_from_env, create_app
-from .batcher import MicroBatcher, Settings
+from .batcher import IterationBatcher, MicroBatcher, Settings
 
-__all__ = ["MODEL_PREFIX", "MicroBatcher", "PolicyTable", "ServerConfig", "Settings", "config_from_env", "create_app"]
+__all__ = ["MODEL_PREFIX", "IterationBatcher", "MicroBatcher", "PolicyTable", "ServerConfig", "Settings", "config_from_env", "create_app"]

@@ -3,7 +3,8 @@
 Request to reply::
 
     POST /v1/chat/completions ─► API key ─► body limit ─► ChatRequest (400 naming the field) ─► policy by name
-        ─► admission (429 when the queue is full) ─► MicroBatcher: one generate for concurrent requests, streaming or not
+        ─► admission (429 when the queue is full) ─► the engine's batcher: concurrent requests, streaming or not, share
+           decode steps (they join between steps; ``runtime/continuous.py``)
         ─► reply with usage and the steering report under ``safeguard`` ─► metrics, one log record
 
 Policies are named on the server (``policies={"eu": "policies/eu.yaml"}``); a request picks one with
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import telemetry
 from ..errors import InputError, PolicyError, SafeguardError
 from ..runtime.batching import BatchingConfig, MicroBatcher, Settings
+from ..runtime.continuous import IterationBatcher
 from .metrics import Metrics
 from .protocol import (
     ApiError,
@@ -134,7 +136,7 @@ class _Server:
         self.metrics = Metrics()
         self.llm: Any = None
         self.table: PolicyTable | None = None
-        self.batcher: MicroBatcher | None = None
+        self.batcher: IterationBatcher | MicroBatcher | None = None
         self._owns_batching = False
         self.inflight = 0
         self._started = threading.Lock()

@@ -1,7 +1,9 @@
-"""The server's micro-batcher is the engine's: see ``safeguard.runtime.batching`` (kept here for imports)."""
+"""The server's batcher is the engine's: see ``safeguard.runtime.continuous`` (the default, iteration-level) and
+``safeguard.runtime.batching`` (the window micro-batcher); kept here for imports."""
 
 from __future__ import annotations
 
 from ..runtime.batching import Job, MicroBatcher, Settings
+from ..runtime.continuous import IterationBatcher
 
-__all__ = ["Job", "MicroBatcher", "Settings"]
+__all__ = ["IterationBatcher", "Job", "MicroBatcher", "Settings"]

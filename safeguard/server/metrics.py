@@ -23,7 +23,8 @@ class Metrics:
                                  buckets=_LATENCY, registry=r)
         self.ttft = Histogram("safeguard_time_to_first_token_seconds", "Streams: arrival to the first text piece.", buckets=_LATENCY,
                               registry=r)
-        self.batch_rows = Histogram("safeguard_batch_rows", "Rows per generate call of the micro-batcher.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+        self.batch_rows = Histogram("safeguard_batch_rows", "Rows per prefill (rows that joined the running batch together; mode window: per generate call).",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
                                     registry=r)
         self.streams_stopped = Counter("safeguard_streams_stopped", "Streams whose generation was stopped early (client gone, timeout).",
                                        registry=r)

@@ -11,8 +11,8 @@ One call, from LangChain to the forward pass and back::
 
 No batch machinery of its own: LangChain's default ``batch`` (one ``invoke`` per thread) and ``abatch`` (one
 ``ainvoke`` per task) reach the engine at once, and the engine's batching (``SteeredLLM.enable_batching``, turned on
-here unless ``batching=False``) runs concurrent requests as shared padded generate calls, each row under its own
-policy, from any thread or task, batched or not.
+here unless ``batching=False``) runs concurrent requests in one shared batch (rows join it between decode steps),
+each row under its own policy, from any thread or task, batched or not.
 """
 
 from __future__ import annotations
@@ -192,10 +192,10 @@ class ChatSafeguard(BaseChatModel):
     streaming: bool = False
     """``True`` makes ``invoke`` generate through ``_stream``, so callback handlers receive each token."""
     batching: bool = True
-    """Let concurrent requests on the model share padded generate calls: turns the engine's batching on for the
+    """Let concurrent requests on the model share forward passes: turns the engine's batching on for the
     ``SteeredLLM`` (``batch_window_ms``, ``batch_size``) unless it is already on (then its settings stay)."""
     batch_size: int = Field(default=8, ge=1)
-    """Most rows per shared generate call, when this instance turns the engine's batching on."""
+    """Most rows decoding together, when this instance turns the engine's batching on."""
     batch_window_ms: float = Field(default=5.0, ge=0)
     """How long a request waits for companions when the model is idle, when this instance turns batching on."""
     llm: SteeredLLM | None = Field(default=None, exclude=True, repr=False)

@@ -256,10 +256,15 @@ async def test_astream_events_shows_the_report(chat):
 
 # ----------------------------------------------------------------------------------------- batching
 def _count_generate_calls(llm, monkeypatch) -> list[tuple[int, int]]:
-    """(rows, max_new_tokens) of every model.generate call: one per shared prefill."""
+    """(rows, largest max_new_tokens) of every shared prefill: a ``model.generate`` call (no batching, or the window
+    batcher), or a prefill of rows joining the iteration batcher's running batch (the default)."""
+    from safeguard.runtime.continuous import IterationBatcher
+
     calls: list[tuple[int, int]] = []
     generate = llm.model.generate
     monkeypatch.setattr(llm.model, "generate", lambda *a, **kw: calls.append((kw["input_ids"].shape[0], kw["max_new_tokens"])) or generate(*a, **kw))
+    prefill = IterationBatcher._prefill
+    monkeypatch.setattr(IterationBatcher, "_prefill", lambda self, rows: calls.append((len(rows), max(r.max_new for r in rows))) or prefill(self, rows))
     return calls
 
 
