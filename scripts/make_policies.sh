@@ -8,15 +8,19 @@
 # 35 min beside other work (prompt statistics 14 min, pooled candidates 8 min, model replies, causal check, reply
 # scores, sweep); with the caches in ~/.cache/safeguard/selection warm, the sweep alone (about 6 min). The eval
 # durations are in docs/policies.md. The opener is the model's own refusal style (scripts/choose_opener.py); the
-# refusal style, positions and strengths come from the comparison in docs/eval/refusal_styles.md (validation only).
+# refusal style, positions and strengths come from the comparison in docs/eval/refusal_styles.md, and ending the reply
+# with the opener (--after-opener end) from docs/eval/refusal_styles_end.md (validation only). With the reply ended by
+# the opener, the sweep cannot tell strengths apart (prompt-fired rows never reach the steering), so the strength the
+# last sweep chose with steered continuations, 0.375, is fixed; it steers rows that fire only in the reply.
+# A fresh select from cold rewrote the previous pack byte for byte (2026-12-02, 48 min beside other jobs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SG=${SG:-.venv/bin/safeguard}
 
 $SG select --out safeguard/bundled/smollm2-135m-instruct/pack.yaml --refusal-style dense --positions generated \
-  --opener "I'm sorry, but I don't have the ability to help with that." --strengths 0.25,0.375,0.5 --max-val-fpr 0.04 --min-margin -1.0
+  --opener "I'm sorry, but I don't have the ability to help with that." --after-opener end --strength 0.375 --max-val-fpr 0.04 --min-margin -1.0
 
-$SG eval default --out docs/eval/default --baselines system_prompt,self_check,dense_direction --baseline-n 24
-for name in eu us; do
+for name in default eu us; do
   $SG eval "$name" --out "docs/eval/$name"
 done
+$SG eval default --out docs/eval/default-baselines --baselines system_prompt,self_check,dense_direction --baseline-n 12

@@ -232,6 +232,26 @@ def test_openers_and_blocks_of_rows_joining_mid_flight(tiny_model, tokenizer, sa
     assert max(rows for _, rows in fw.log) == 2
 
 
+def test_a_pack_that_ends_refusals_with_its_opener_ends_them_in_the_running_batch(tiny_model, tokenizer, saes, tmp_path):
+    """``after_opener: end``: a refusing row that joins mid-flight is the opener alone, as its single request is."""
+    llm = llm_with(pack_with(tmp_path / "ended", after_opener="end"), tiny_model, tokenizer, saes)
+    refuse, quiet = pol(**REFUSE), pol(cyber={"sensitivity": "relaxed"})
+    single = [llm.generate(LONG, policy=quiet, max_new_tokens=30), llm.generate("hello there", policy=refuse, max_new_tokens=14)]
+    assert single[1].text == OPENER and single[1].finish_reason == "stop"
+    llm.enable_batching(window_ms=0)
+    jobs: list = []
+    fw = _Forwards(llm, at={4: lambda: jobs.append(llm.batcher.submit("hello there", llm.compile_policy(refuse), Settings(14)))})
+    try:
+        first = llm.generate(LONG, policy=quiet, max_new_tokens=30)
+        joined = jobs[0].result()
+    finally:
+        fw.remove()
+        llm.disable_batching()
+    _same(first, single[0])
+    _same(joined, single[1])
+    assert max(rows for _, rows in fw.log) == 2
+
+
 def test_a_failed_shared_step_fails_only_the_bad_row(llm, monkeypatch, caplog):
     """A row whose steering raises from its 4th forward on breaks a shared decode step: each row is run again alone,
     the bad row gets its error, and the others (a stream already handing out text among them) end as their single
