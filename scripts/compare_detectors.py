@@ -53,7 +53,7 @@ OFFSET = 100_000
 """Second-layer feature ids in the joint column space: ``OFFSET + feature``."""
 
 
-def _render(gen: Generalization, title: str) -> str:
+def _render(gen: Generalization, title: str, *, shipped: bool = True) -> str:
     names = list(gen.folds)
     fams = [r.held_out for r in gen.folds[names[0]]]
     lines = [f"## {title}", "", f"Thresholds at {gen.fpr:.0%} of validation benign prompts per category; recall: share of the held-out family's "
@@ -63,7 +63,7 @@ def _render(gen: Generalization, title: str) -> str:
     for k in names:
         rs = {r.held_out: r for r in gen.folds[k]}
         feats = [pc["features"] for r in gen.folds[k] for pc in r.per_category.values() if pc.get("features") is not None]
-        mark = " (shipped)" if k == SHIPPED else ""
+        mark = " (shipped)" if shipped and k == SHIPPED else ""
         lines.append(f"| {k}{mark} | " + " | ".join(f"{rs[f].recall_any:.1%}" for f in fams)
                      + f" | **{gen.worst(k):.1%}** | {gen.mean(k):.1%} | {max(r.benign_any for r in gen.folds[k]):.1%} | "
                      + (f"{sum(feats) / len(feats):.1f}" if feats else "-") + " |")
@@ -81,17 +81,42 @@ def _render(gen: Generalization, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _texts(prep) -> list:
+    """Every prompt ``fit_detectors`` pools, in its order: select-part positives (jailbreak-wrapped too), negatives, then
+    the validation prompts (``Detectors.texts``, without needing the prompt statistics)."""
+    from safeguard.lab.selection.data import HARMLESS_GROUPS, WRAPPED
+
+    groups, wrapped = prep.groups, prep.wrapped
+    pos = [t for c in prep.cats for fam in prep.fams_of[c] for g in (f"{c}|{fam}", f"{c}|{fam}{WRAPPED}") for t in groups.get(g, wrapped.get(g, []))]
+    neg = list(dict.fromkeys([p.text for p in prep.data.harmless_select] + [t for g in HARMLESS_GROUPS for t in wrapped.get(f"{g}{WRAPPED}", [])]))
+    return list(dict.fromkeys(pos + neg + [p.text for p in prep.val_harmful] + [p.text for p in prep.data.harmless_val]))
+
+
+def _pool_layer(llm, cfg, prep, layer: int, progress: bool):
+    """Every prompt of ``_texts`` pooled (max and last token) over all of ``layer``'s SAE features; cached."""
+    from safeguard.lab.selection.data import _cached
+    from safeguard.lab.selection.detection import pooled_features
+
+    texts = _texts(prep)
+    d_sae = llm.saes[layer].d_sae
+    pooled, last = _cached(prep.at("pooledlast-all", prep.model_name, prep.sae_key, texts, layer, cfg.detect_reduce),
+                           lambda: pooled_features(llm, texts, list(range(d_sae)), layer=layer, reduce=cfg.detect_reduce, progress=progress,
+                                                   desc=f"Pooling every layer-{layer} feature", last=True))
+    return texts, pooled, last
+
+
 def _second_layer(llm, cfg, prep, det, layer: int, progress: bool):
     """The LOSO inputs of a second layer: every text of ``det`` pooled (max and last token) over all of the layer's SAE
-    features (cached), candidates ranked per category without each family as select ranks the detect layer's."""
-    from safeguard.lab.selection.data import HARMLESS_GROUPS, WRAPPED, _cached
-    from safeguard.lab.selection.detection import pooled_features
+    features (rows in ``det.texts`` order), candidates ranked per category without each family as select ranks the
+    detect layer's."""
+    from safeguard.lab.selection.data import HARMLESS_GROUPS, WRAPPED
     from safeguard.lab.selection.stats import RunningStats, contrast_scores
 
     d_sae = llm.saes[layer].d_sae
-    pooled, last = _cached(prep.at("pooledlast-all", prep.model_name, prep.sae_key, det.texts, layer, cfg.detect_reduce),
-                           lambda: pooled_features(llm, det.texts, list(range(d_sae)), layer=layer, reduce=cfg.detect_reduce, progress=progress,
-                                                   desc=f"Pooling every layer-{layer} feature", last=True))
+    texts, pooled, last = _pool_layer(llm, cfg, prep, layer, progress)
+    at = {t: i for i, t in enumerate(texts)}
+    order = torch.tensor([at[t] for t in det.texts])
+    pooled, last = pooled[order], last[order]
     index = det.index
     groups = {**prep.groups, **prep.wrapped}
     stats = RunningStats(d_sae, [g for g in groups if groups[g]])
@@ -114,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("docs/eval/detectors"))
     ap.add_argument("--layers", type=int, nargs="+", default=[10], help="the detect layer, then optionally a second one measured alone and jointly")
+    ap.add_argument("--sae", nargs="+", default=None, help="SAE folders (default: the bundled ones). Selection's cache keys name the SAE "
+                    "folder, so pointing at another checkout's identical bundled SAEs reuses the caches its select warmed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--pool-only", action="store_true", help="only pool the second layer's features (cached) and stop")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from safeguard.lab.selection.stages import fit_detectors, prepare, prompt_statistics
@@ -123,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     progress = not args.quiet
-    llm = SteeredLLM.from_pretrained(None, sae=None, policy=None)
+    llm = SteeredLLM.from_pretrained(None, sae=args.sae, policy=None)
     cfg = SelectConfig(detect_layer=args.layers[0], detect_configs=DETECT_CONFIGS + NEW_CONFIGS)
     prep = prepare(llm, cfg)
+    if args.pool_only:
+        _pool_layer(llm, cfg, prep, args.layers[1], progress)
+        print(f"pooled layer {args.layers[1]} after {time.time() - t0:.0f} s", file=sys.stderr)
+        return 0
     stats = prompt_statistics(llm, cfg, prep, progress=progress)
     print(f"prompt statistics ready after {time.time() - t0:.0f} s", file=sys.stderr)
     det = fit_detectors(llm, cfg, prep, stats, progress=progress)
@@ -174,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             g2 = leave_one_source_out(pooled, union, positives, neg, bval, cand, LAYER2_CONFIGS, held_out_rows=measured, fpr=cfg.loso_fpr,
                                       progress=progress, last=last)
             runs[name] = g2.to_json()
-            md.append(_render(g2, f"{name.capitalize()} (candidates: top k per layer; measurement only, the engine detects at one layer)"))
+            md.append(_render(g2, f"{name.capitalize()} (top k candidates from each layer; a measurement only: the engine scores a "
+                                  "category at one layer)", shipped=False))
             print(f"{name} done after {time.time() - t0:.0f} s", file=sys.stderr)
         results["second_layer"] = runs
     (args.out / "loso.json").write_text(json.dumps(results, indent=1) + "\n")
