@@ -49,6 +49,14 @@ LAYER2_CONFIGS = (
 )
 """Configurations measured at the second layer alone and at both layers (``--layers``)."""
 
+FPR_CONFIGS = (
+    DetectConfig(64, 48, 1.0),
+    DetectConfig(128, 64, 1.0, l1=0.01),
+    DetectConfig(256, 96, 1.0, l1=0.03),
+    DetectConfig(128, 96, 1.0, l1=0.01, pool="max+last"),
+)
+"""Configurations compared at other LOSO false-positive rates (``--fprs``)."""
+
 OFFSET = 100_000
 """Second-layer feature ids in the joint column space: ``OFFSET + feature``."""
 
@@ -142,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sae", nargs="+", default=None, help="SAE folders (default: the bundled ones). Selection's cache keys name the SAE "
                     "folder, so pointing at another checkout's identical bundled SAEs reuses the caches its select warmed")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fprs", type=float, nargs="*", default=[0.01, 0.02, 0.05],
+                    help="LOSO false-positive rates to also compare FPR_CONFIGS at (the detect layer only)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--pool-only", action="store_true", help="only pool the second layer's features (cached) and stop")
     args = ap.parse_args(argv)
@@ -173,27 +183,49 @@ def main(argv: list[str] | None = None) -> int:
     print(f"layer {cfg.detect_layer} done after {time.time() - t0:.0f} s", file=sys.stderr)
     gen.plot(args.out / "loso.png")
 
+    # the LOSO inputs fit_detectors built (positives, negatives, measured rows), for the runs below
+    from safeguard.lab.selection.data import WRAPPED
+    from safeguard.lab.selection.generalize import family
+
+    index = det.index
+    groups, wrapped = prep.groups, prep.wrapped
+    have = set(stats.detect.groups)
+    positives = {c: {fam: [index[t] for g in (f"{c}|{fam}", f"{c}|{fam}{WRAPPED}") if g in have for t in groups.get(g, wrapped.get(g, []))]
+                     for fam in prep.fams_of[c]} for c in prep.cats}
+    measured: dict[str, dict[str, list[int]]] = {}
+    for c in prep.cats:
+        for fam in prep.fams_of[c]:
+            measured.setdefault(fam, {})[c] = [index[t] for t in groups[f"{c}|{fam}"]]
+    for p in prep.val_harmful:
+        measured.setdefault(family(p.source), {}).setdefault(p.category, []).append(index[p.text])
+    neg = det.rows_of(det.neg_texts).tolist()
+    bval = [index[p.text] for p in prep.data.harmless_val]
+
+    rates = {}
+    for fpr in args.fprs:
+        g = leave_one_source_out(det.pooled, det.union, positives, neg, bval, det.candidates, FPR_CONFIGS, held_out_rows=measured, fpr=fpr,
+                                 progress=False, last=det.last)
+        if abs(fpr - cfg.loso_fpr) < 1e-12:  # the same inputs as select's own run: the same numbers
+            assert all(g.folds[k] == gen.folds[k] for k in g.folds), "the rebuilt LOSO inputs differ from fit_detectors'"
+        rates[fpr] = g
+    if rates:
+        fams = [r.held_out for r in gen.folds[SHIPPED]]
+        md += [f"## Other false-positive rates (layer {cfg.detect_layer})", "",
+               "The same folds with thresholds letting another share of the validation benign prompts fire per category.", "",
+               "| configuration | rate | " + " | ".join(fams) + " | worst | mean | benign any |", "|---|---|" + "---|" * (len(fams) + 3)]
+        for k in (c.name for c in FPR_CONFIGS):
+            for fpr, g in rates.items():
+                rs = {r.held_out: r for r in g.folds[k]}
+                md.append(f"| {k} | {fpr:.0%} | " + " | ".join(f"{rs[f].recall_any:.1%}" for f in fams)
+                          + f" | **{g.worst(k):.1%}** | {g.mean(k):.1%} | {max(r.benign_any for r in g.folds[k]):.1%} |")
+        md.append("")
+        results["other_rates"] = {str(f): g.to_json() for f, g in rates.items()}
+        print(f"other rates done after {time.time() - t0:.0f} s", file=sys.stderr)
+
     if len(args.layers) > 1:
         layer2 = args.layers[1]
         pooled2, last2, ranked2 = _second_layer(llm, cfg, prep, det, layer2, progress)
-        index = det.index
         assert det.last is not None
-        # the same LOSO inputs as fit_detectors built for the detect layer (positives, negatives, measured rows)
-        from safeguard.lab.selection.data import WRAPPED
-        from safeguard.lab.selection.generalize import family
-
-        groups, wrapped = prep.groups, prep.wrapped
-        have = set(stats.detect.groups)
-        positives = {c: {fam: [index[t] for g in (f"{c}|{fam}", f"{c}|{fam}{WRAPPED}") if g in have for t in groups.get(g, wrapped.get(g, []))]
-                         for fam in prep.fams_of[c]} for c in prep.cats}
-        measured: dict[str, dict[str, list[int]]] = {}
-        for c in prep.cats:
-            for fam in prep.fams_of[c]:
-                measured.setdefault(fam, {})[c] = [index[t] for t in groups[f"{c}|{fam}"]]
-        for p in prep.val_harmful:
-            measured.setdefault(family(p.source), {}).setdefault(p.category, []).append(index[p.text])
-        neg = det.rows_of(det.neg_texts).tolist()
-        bval = [index[p.text] for p in prep.data.harmless_val]
         cols2 = sorted({f for v in ranked2.values() for f in v})
         union = list(det.union) + [OFFSET + f for f in cols2]
         pooled = torch.cat([det.pooled, pooled2[:, cols2]], 1)

@@ -197,3 +197,13 @@ def test_select_with_a_last_token_configuration_writes_what_the_engine_scores(ll
         mine = det.scores[d.category][det.rows_of(texts)]
         torch.testing.assert_close(mine, detection_scores(llm, texts, [d], layer=1)[d.category], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(mine, _engine_scores(llm, messages, d, turns="last"), rtol=1e-4, atol=1e-5)
+
+
+def test_the_engine_refuses_to_watch_the_reply_of_a_last_token_detector():
+    """The pack refuses the combination; the engine's reply detector guards against hand-built categories too."""
+    from safeguard.runtime.steering import _Category, _ReplyDetector
+
+    cat = _Category("cyber", "Cyber", "monitor", 1, 0.0, "sum", "max", torch.tensor([0, 1]), torch.tensor([1.0, 1.0]), [], "reduce_first",
+                    reply_threshold=1.0, last_weights=torch.tensor([0.5, 0.5]))
+    with pytest.raises(PolicyError, match=r"\['cyber'\] read the last user token"):
+        _ReplyDetector([(cat, None)], None, torch.device("cpu"))
