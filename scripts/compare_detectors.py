@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sae", nargs="+", default=None, help="SAE folders (default: the bundled ones). Selection's cache keys name the SAE "
                     "folder, so pointing at another checkout's identical bundled SAEs reuses the caches its select warmed")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--fprs", type=float, nargs="*", default=[0.01, 0.02, 0.05],
+    ap.add_argument("--fprs", type=float, nargs="*", default=[0.0, 0.01, 0.02, 0.05],
                     help="LOSO false-positive rates to also compare FPR_CONFIGS at (the detect layer only)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--pool-only", action="store_true", help="only pool the second layer's features (cached) and stop")
