@@ -35,6 +35,10 @@ a pack says *how* one model does it. ``safeguard select`` writes packs; people w
           - {max_false_positive_rate: 0.0, threshold: 4.8, fpr: 0.0, recall: 0.50}
           - {max_false_positive_rate: 0.01, threshold: 4.2, fpr: 0.009, recall: 0.57}
         reply: {threshold: 6.0}              # optional: also score the reply as it is generated (see ReplyDetect)
+      # a detector may also weigh its features at the last token it reads (the last user token, in context):
+      #   detect: {..., weights: [0.05, 0.0], last_weights: [0.0, 0.02], combine: sum, reduce: max, order: reduce_first}
+      # score = sum_i weights[i] * max_t f_i(t) + sum_i last_weights[i] * f_i(last); such a category has no `reply`
+      # (a reply has no last user token: the pack refuses the combination)
 
 ``fpr`` and ``recall`` are measured on the validation part of selection's data (``null`` where nothing was
 measured). Files a pack names must lie in its own folder. Packs ship beside the SAEs they index
@@ -104,6 +108,13 @@ class PackCategory(Strict):
     curve: list[OperatingPoint] = Field(default_factory=list)
     reply: Annotated[ReplyDetect | None, Field(exclude_if=lambda v: v is None)] = None
     """Optional: watch the reply as it is generated (policies may switch it off with ``watch_reply: false``)."""
+
+    @model_validator(mode="after")
+    def _reply_needs_pooling_only(self) -> PackCategory:
+        if self.reply is not None and self.detect.last_weights is not None:
+            raise ValueError("reply watching is not defined for a detector with detect.last_weights (a reply has no last user token to "
+                             "read); drop the category's reply entry, or last_weights")
+        return self
 
     @field_validator("levels")
     @classmethod

@@ -104,6 +104,12 @@ class Detect(Strict):
     """Which user tokens are read: ``all`` (every user message of the conversation) or ``last`` (only the last user
     message's tokens, read in context: the model has seen the earlier turns). For a single-turn prompt they are the
     same. ``all`` is left out of the dump, so files written before this field existed keep their hash."""
+    last_weights: Annotated[list[float] | None, Field(exclude_if=lambda v: v is None)] = None
+    """Optional, with ``combine: sum`` and ``order: reduce_first``: a second weight per feature for its activation at the
+    last token the category reads (the last position of its user-token mask, ``turns`` deciding which), added to the
+    pooled score: ``sum_i weights[i] * reduce(f_i) + sum_i last_weights[i] * f_i(last)``, the form of one probe on pooled
+    and last-token features (``safeguard select`` writes it). Left out of the dump when unset, so older files keep their
+    hash. A pack category with it cannot watch the reply (a reply has no last user token)."""
     threshold: float
 
     @field_validator("features")
@@ -122,6 +128,11 @@ class Detect(Strict):
                 raise ValueError(f"weights has {len(self.weights)} entries but features has {len(self.features)}")
             if self.combine != "sum":
                 raise ValueError("weights are only used with combine: sum")
+        if self.last_weights is not None:
+            if self.weights is None or self.combine != "sum" or self.order != "reduce_first":
+                raise ValueError("last_weights needs weights, combine: sum and order: reduce_first (one probe on pooled and last-token features)")
+            if len(self.last_weights) != len(self.features):
+                raise ValueError(f"last_weights has {len(self.last_weights)} entries but features has {len(self.features)}")
         return self
 
 

@@ -119,15 +119,26 @@ class _Category:
     """``all``: read every user token; ``last``: only the last user message's tokens (``RunState.last_turn_mask``)."""
     reply_threshold: float | None = None
     """Also scored on the generated tokens, firing at this threshold (``None``: the prompt decides alone)."""
+    last_weights: torch.Tensor | None = None
+    """Weights of the features at the last token of the mask, added to the pooled score (``Detect.last_weights``)."""
 
     def score(self, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return detection_score(acts, mask, weights=self.weights, combine=self.combine, reduce=self.reduce, order=self.order)
+        return detection_score(acts, mask, weights=self.weights, combine=self.combine, reduce=self.reduce, order=self.order,
+                               last_weights=self.last_weights)
+
+
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(n,) the index of the last True position of each row of ``mask`` (n, P) (0 for a row with none)."""
+    p = mask.shape[-1]
+    return (p - 1 - mask.flip(-1).to(torch.int8).argmax(-1)).masked_fill(~mask.any(-1), 0)
 
 
 def detection_score(acts: torch.Tensor, mask: torch.Tensor, *, weights: torch.Tensor | None = None, combine: str = "max", reduce: str = "max",
-                    order: str = "combine_first") -> torch.Tensor:
+                    order: str = "combine_first", last_weights: torch.Tensor | None = None) -> torch.Tensor:
     """A category's scores (n,) from its features' activations ``acts`` (n, P, k) and the user-token ``mask``
-    (n, P), as a policy's ``detect`` block defines them. A row without user tokens scores -inf (never fires)."""
+    (n, P), as a policy's ``detect`` block defines them. A row without user tokens scores -inf (never fires).
+    ``last_weights`` (k,): the features at each row's last masked position, weighed, are added (``reduce_first``
+    with a weighted ``sum`` only, as ``Detect`` checks)."""
 
     def combined(a: torch.Tensor) -> torch.Tensor:
         if combine == "max":
@@ -140,6 +151,12 @@ def detection_score(acts: torch.Tensor, mask: torch.Tensor, *, weights: torch.Te
         m = mask[..., None]
         pooled = acts.masked_fill(~m, float("-inf")).amax(1) if reduce == "max" else (acts * m).sum(1) / m.sum(1).clamp(min=1)
         scores = combined(pooled.masked_fill(~m.any(1), 0.0))
+        if last_weights is not None:
+            at = last_positions(mask)
+            last = acts[torch.arange(acts.shape[0], device=acts.device), at]  # (n, k)
+            scores = scores + (last * last_weights).sum(-1)
+    elif last_weights is not None:
+        raise SteeringError("last_weights needs order: reduce_first")
     else:
         per_tok = combined(acts)
         scores = per_tok.masked_fill(~mask, float("-inf")).amax(-1) if reduce == "max" else (per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
@@ -176,9 +193,10 @@ class CompiledPolicy:
             union = by_layer[d.layer]
             index = torch.tensor([union.index(f) for f in d.features], device=device)
             weights = torch.tensor(d.weights, device=device) if d.weights is not None else None
+            last_weights = torch.tensor(d.last_weights, device=device) if d.last_weights is not None else None
             actions = [self._compile_action(a, base, saes, device, dtype, where) for a, base in c.steer]
             self.categories.append(_Category(c.id, c.label, c.response, d.layer, d.threshold, d.combine, d.reduce, index, weights, actions,
-                                             d.order, c.message, d.turns, c.reply_threshold))
+                                             d.order, c.message, d.turns, c.reply_threshold, last_weights))
         self.reply: dict[int, _ReplyDetector] = {}
         """Per detect layer: the categories that also watch the reply, as one small set of tensors."""
         for layer in sorted(by_layer):
@@ -251,6 +269,9 @@ class _ReplyDetector:
 
     def __init__(self, watched: list[tuple[_Category, Any]], sae: Any, device: torch.device):
         self.categories = [c for c, _ in watched]
+        if any(c.last_weights is not None for c in self.categories):  # the pack refuses this combination; a guard for hand-built ones
+            raise PolicyError(f"categories {[c.id for c in self.categories if c.last_weights is not None]} read the last user token "
+                              "(last_weights), which a reply does not have: reply watching is not defined for them")
         feats: list[int] = []
         for _, d in watched:
             feats.extend(f for f in d.features if f not in feats)

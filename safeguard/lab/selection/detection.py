@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -105,6 +105,45 @@ def fit_probe(positive: torch.Tensor, negative: torch.Tensor, *, l2: float = 1e-
 
 
 
+def fit_l1_probe(positive: torch.Tensor, negative: torch.Tensor, *, l1: float, steps: int = 2000, tol: float = 1e-9) -> tuple[torch.Tensor, float]:
+    """A sparse logistic probe: the loss of ``fit_probe`` (classes weighted equally, standardised inputs) with an L1
+    penalty ``l1 * |w|_1`` instead of L2, minimised by accelerated proximal gradient (FISTA); columns it does not
+    need get a weight of exactly 0. Returns weights in the inputs' own units and the bias."""
+    x = torch.cat([positive, negative]).double()
+    y = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))]).double()
+    wt = torch.where(y > 0, 0.5 / max(len(positive), 1), 0.5 / max(len(negative), 1)).double()
+    mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mu) / sd
+    # step 1/L, L bounding the Lipschitz constant of the smooth part's gradient in (w, b): 0.25 * ||sqrt(wt) [z 1]||_2^2
+    zb = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1) * wt.sqrt()[:, None]
+    step = 1.0 / (0.25 * float(torch.linalg.matrix_norm(zb, ord=2)) ** 2 + 1e-12)
+    w = torch.zeros(x.shape[1], dtype=torch.float64)
+    b = torch.zeros((), dtype=torch.float64)
+    vw, vb, t = w.clone(), b.clone(), 1.0
+    for _ in range(steps):
+        r = (torch.sigmoid(z @ vw + vb) - y) * wt
+        gw, gb = z.T @ r, r.sum()
+        nw = vw - step * gw
+        nw = torch.sign(nw) * (nw.abs() - step * l1).clamp(min=0.0)  # the L1 proximal step: soft thresholding
+        nb = vb - step * gb
+        tn = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
+        vw, vb = nw + (t - 1.0) / tn * (nw - w), nb + (t - 1.0) / tn * (nb - b)
+        done = float((nw - w).abs().max()) < tol and abs(float(nb - b)) < tol
+        w, b, t = nw, nb, tn
+        if done:
+            break
+    return (w / sd).float(), float(b - (mu / sd) @ w)
+
+
+def keep_columns(positive: torch.Tensor, negative: torch.Tensor, *, n_features: int, l2: float = 1e-2, l1: float = 0.0) -> torch.Tensor:
+    """The columns a detector keeps: a probe on every column (L2 ``l2``, or sparse with ``l1`` > 0), then at most
+    ``n_features`` of those with the largest standardised weights (an L1 probe's zero weights are never kept)."""
+    w, _ = fit_l1_probe(positive, negative, l1=l1) if l1 > 0 else fit_probe(positive, negative, l2=l2)
+    spread = torch.cat([positive, negative]).std(0)
+    keep = torch.argsort((w * spread).abs(), descending=True)[:n_features]
+    return keep[(w[keep] * spread[keep]).abs() > 1e-8]
+
+
 @dataclass(frozen=True)
 class DetectorFit:
     """What ``fit_detector`` found: kept columns, weights, and how rows it did not see score."""
@@ -120,15 +159,12 @@ class DetectorFit:
 
 
 def fit_detector(positive: torch.Tensor, negative: torch.Tensor, *, n_features: int, l2: float = 1e-2, folds: int = 5,
-                 seed: int = 0) -> DetectorFit:
-    """A category detector from pooled candidate features: a probe on all candidates, the ``n_features`` with the
-    largest standardised weights kept, then ``folds`` probes fitted on all but one fold each. The detector is the
-    fold probes' mean; the out-of-fold scores say how prompts a probe has not seen score, which is what a
-    threshold must be set on."""
-    w, _ = fit_probe(positive, negative, l2=l2)
-    spread = torch.cat([positive, negative]).std(0)
-    keep = torch.argsort((w * spread).abs(), descending=True)[:n_features]
-    keep = keep[(w[keep] * spread[keep]).abs() > 1e-8]
+                 seed: int = 0, l1: float = 0.0) -> DetectorFit:
+    """A category detector from pooled candidate features: a probe on all candidates (sparse with ``l1`` > 0), at most
+    ``n_features`` with the largest standardised weights kept (``keep_columns``), then ``folds`` L2 probes fitted on
+    all but one fold each. The detector is the fold probes' mean; the out-of-fold scores say how prompts a probe
+    has not seen score, which is what a threshold must be set on."""
+    keep = keep_columns(positive, negative, n_features=n_features, l2=l2, l1=l1)
     xp, xn = positive[:, keep], negative[:, keep]
     g = torch.Generator().manual_seed(seed)
     fp = torch.randperm(len(xp), generator=g) % folds
@@ -154,26 +190,45 @@ class Detector:
     weights: list[float]
     reduce: str = "mean"
     order: str = "combine_first"
+    last_weights: list[float] | None = None
+    """Weights of the features at the last user token, added (``reduce_first`` only; the pack's ``detect.last_weights``)."""
+
+    def key(self) -> dict[str, Any]:
+        """The detector as a cache key: without ``last_weights`` when unset, so keys made before it existed still hit."""
+        out = asdict(self)
+        if self.last_weights is None:
+            del out["last_weights"]
+        return out
 
 
 
 @torch.inference_mode()
 def pooled_features(llm: Any, prompts: Sequence[str], features: Sequence[int], *, layer: int, reduce: str = "mean", batch_size: int = 16,
-                    max_batch_tokens: int = 4096, progress: bool = False, desc: str = "Pooling features") -> torch.Tensor:
+                    max_batch_tokens: int = 4096, progress: bool = False, desc: str = "Pooling features",
+                    last: bool = False) -> Any:
     """(prompts, features): each feature's activation pooled over each prompt's user tokens. Only the named
-    features are encoded (their sliced encoder), so this stays small."""
+    features are encoded (their sliced encoder), so this stays small. ``last=True``: a pair, the pooled features
+    and the features at each prompt's last user token (the last position of the mask the engine reads), from
+    the same forward passes."""
     from tqdm.auto import tqdm
+
+    from ...runtime.steering import last_positions
 
     enc = llm.saes[layer].encoder(list(features))
     out = torch.zeros(len(prompts), len(features))
+    at_last = torch.zeros(len(prompts), len(features))
     items = sorted(((i, encode_prompt(llm, p)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc=desc, unit="batch", disable=not progress):
         acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], [layer], pad_id=pad)
         user = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         f = enc(acts[layer][user].to(llm.device)).float()
-        out[torch.tensor([i for i, _ in batch])] = _pool(f, user.nonzero()[:, 0], len(batch), reduce)
-    return out
+        rows = torch.tensor([i for i, _ in batch])
+        out[rows] = _pool(f, user.nonzero()[:, 0], len(batch), reduce)
+        if last:
+            h = acts[layer][torch.arange(len(batch)), last_positions(user)]  # (B, d)
+            at_last[rows] = enc(h.to(llm.device)).float().cpu()
+    return (out, at_last) if last else out
 
 
 
@@ -202,7 +257,8 @@ def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detec
         f = enc(acts[layer].to(llm.device)).float().cpu()  # (B, T, k)
         for d in detectors:
             idx = torch.tensor([union.index(x) for x in d.features])
-            score = detection_score(f[..., idx], user, weights=torch.tensor(d.weights), combine="sum", reduce=d.reduce, order=d.order)
+            score = detection_score(f[..., idx], user, weights=torch.tensor(d.weights), combine="sum", reduce=d.reduce, order=d.order,
+                                    last_weights=torch.tensor(d.last_weights) if d.last_weights is not None else None)
             for j, (i, _) in enumerate(batch):
                 out[d.category][i] = score[j]
     return out

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ...errors import SelectionError
-from .detection import fit_probe
+from .detection import fit_probe, keep_columns
 
 __all__ = ["DetectConfig", "FoldResult", "Generalization", "auc", "family", "leave_one_source_out", "threshold_at"]
 
@@ -58,17 +58,43 @@ class DetectConfig:
     n_candidates: int
     """Features per category taken from the composite ranking (category vs harmless)."""
     n_features: int
-    """Of those, the ones with the largest standardised probe weights kept."""
+    """Of those, the ones with the largest standardised probe weights kept (probe inputs: with ``pool: max+last`` a
+    feature's pooled and last-token activations are two)."""
     l2: float
     """The probe's L2 penalty (on standardised inputs)."""
+    l1: float = 0.0
+    """> 0: the features are chosen by a sparse probe with this L1 penalty instead (its non-zero weights, at most
+    ``n_features`` of them), then fitted with ``l2`` on those."""
+    pool: str = "max"
+    """``max``: the features pooled over the user's tokens (``SelectConfig.detect_reduce``); ``max+last``: those and the
+    same candidates at the last user token, one probe over both (the pack's ``detect.last_weights``)."""
 
     def __post_init__(self) -> None:
-        if self.n_candidates < 1 or not 1 <= self.n_features <= self.n_candidates or not self.l2 >= 0:
-            raise SelectionError(f"a detector configuration needs 1 <= n_features <= n_candidates and l2 >= 0, got {self}")
+        if self.n_candidates < 1 or not 1 <= self.n_features <= self.n_candidates * (2 if self.pool == "max+last" else 1) \
+                or not self.l2 >= 0 or not self.l1 >= 0:
+            raise SelectionError(f"a detector configuration needs 1 <= n_features <= n_candidates (twice that with pool 'max+last'), "
+                                 f"l2 >= 0 and l1 >= 0, got {self}")
+        if self.pool not in POOLS:
+            raise SelectionError(f"a detector configuration's pool is one of {list(POOLS)}, not {self.pool!r}")
 
     @property
     def name(self) -> str:
-        return f"top{self.n_candidates}->{self.n_features}, l2={self.l2:g}"
+        return (f"top{self.n_candidates}->{self.n_features}, l2={self.l2:g}" + (f", l1={self.l1:g}" if self.l1 > 0 else "")
+                + (", +last token" if self.pool == "max+last" else ""))
+
+    @property
+    def last(self) -> bool:
+        """Does this configuration read the last user token too?"""
+        return self.pool == "max+last"
+
+    def columns(self, cols: Sequence[int], width: int) -> list[int]:
+        """The design-matrix columns of candidate columns ``cols`` of a pooled matrix ``width`` wide: ``cols``, then for
+        ``max+last`` the same columns of the last-token block that follows it."""
+        return list(cols) + ([c + width for c in cols] if self.last else [])
+
+
+POOLS = ("max", "max+last")
+"""A detector configuration's inputs (``DetectConfig.pool``)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +109,8 @@ class FoldResult:
     benign_any: float
     """Share of validation benign prompts firing any category at those thresholds."""
     per_category: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
-    """Category -> {n, auc, recall} on the held-out family's prompts of that category."""
+    """Category -> {n, auc, recall} on the held-out family's prompts of that category, and ``features``: how many
+    distinct SAE features its detector read."""
 
 
 @dataclass
@@ -165,15 +192,12 @@ class Generalization:
         return path
 
 
-def _fit(pos: torch.Tensor, neg: torch.Tensor, n_features: int, l2: float) -> tuple[list[int], torch.Tensor]:
-    """A probe on every column, the ``n_features`` largest standardised weights kept, refitted on them."""
-    w, _ = fit_probe(pos, neg, l2=l2)
-    spread = torch.cat([pos, neg]).std(0)
-    keep = torch.argsort((w * spread).abs(), descending=True)[:n_features]
-    keep = keep[(w[keep] * spread[keep]).abs() > 1e-8]
+def _fit(pos: torch.Tensor, neg: torch.Tensor, cfg: DetectConfig) -> tuple[list[int], torch.Tensor]:
+    """The columns ``keep_columns`` keeps (L2 or sparse probe), refitted on them with ``cfg.l2``."""
+    keep = keep_columns(pos, neg, n_features=cfg.n_features, l2=cfg.l2, l1=cfg.l1)
     if len(keep) == 0:
         return [], torch.zeros(0)
-    wk, _ = fit_probe(pos[:, keep], neg[:, keep], l2=l2)
+    wk, _ = fit_probe(pos[:, keep], neg[:, keep], l2=cfg.l2)
     return keep.tolist(), wk
 
 
@@ -189,6 +213,7 @@ def leave_one_source_out(
     held_out_rows: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
     fpr: float = 0.02,
     progress: bool = False,
+    last: torch.Tensor | None = None,
 ) -> Generalization:
     """Score every configuration by its worst held-out family.
 
@@ -197,8 +222,17 @@ def leave_one_source_out(
     included; families with no rows are fine). ``negatives``: rows of the harmless training prompts.
     ``benign_val``: rows of validation benign prompts (thresholds only). ``candidates(c, held_out, k)``: the
     top ``k`` features of c ranked without the held-out family (feature ids, a subset of ``union``).
-    ``held_out_rows[fam][c]``: the rows a held-out family is measured on (default: its ``positives``)."""
+    ``held_out_rows[fam][c]``: the rows a held-out family is measured on (default: its ``positives``). ``last`` (rows,
+    len(union)): the candidates at each prompt's last user token, needed by ``max+last`` configurations."""
     from tqdm.auto import tqdm
+
+    if last is None and any(c.last for c in configs):
+        raise SelectionError("configurations with pool 'max+last' need the last-token features (last=)")
+    width = pooled.shape[1]
+    if last is not None:
+        if last.shape != pooled.shape:
+            raise SelectionError(f"last has shape {tuple(last.shape)}, pooled {tuple(pooled.shape)}; they must agree")
+        pooled = torch.cat([pooled, last], 1)  # columns of the last-token block follow the pooled ones (DetectConfig.columns)
 
     fams = sorted({f for by in positives.values() for f, rows in by.items() if rows})
     if len(fams) < 2:
@@ -226,9 +260,9 @@ def leave_one_source_out(
             feats = [f for f in candidates(c, held, cfg.n_candidates) if f in col]
             if not feats:
                 continue
-            cols = torch.tensor([col[f] for f in feats])
+            cols = torch.tensor(cfg.columns([col[f] for f in feats], width))
             pos = pooled[torch.tensor(train_rows)][:, cols]
-            keep, w = _fit(pos, neg[:, cols], cfg.n_features, cfg.l2)
+            keep, w = _fit(pos, neg[:, cols], cfg)
             if not keep:
                 continue
             kc = cols[torch.tensor(keep)]
@@ -244,6 +278,7 @@ def leave_one_source_out(
                 per_cat[c] = {"n": len(test_rows), "auc": round(auc(s, bval[:, kc] @ w), 4), "recall": round(float((s >= th).float().mean()), 4)}
             else:
                 per_cat[c] = {"n": 0, "auc": None, "recall": None}
+            per_cat[c]["features"] = len({int(k) % width for k in kc})  # distinct SAE features the detector reads
         n = len(fired_h)
         folds.setdefault(cfg.name, []).append(FoldResult(held, n, round(sum(fired_h.values()) / n, 4) if n else 0.0,
                                                          round(float(fired_b.float().mean()), 4), per_cat))

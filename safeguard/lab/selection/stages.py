@@ -168,6 +168,8 @@ class Detectors:
     """Category -> its detector's score on every row of ``pooled``."""
     rows: list[FeatureRow]
     """The feature table's detect rows."""
+    last: torch.Tensor | None = None
+    """The candidates at each prompt's last user token, rows and columns as ``pooled`` (only when a configuration reads it)."""
 
     def candidates(self, c: str, without: str | None, k: int) -> list[int]:
         """Category c's top ``k`` detect features by composite score (c vs harmless), ranked without a family."""
@@ -213,9 +215,15 @@ def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptS
     val_h_texts, val_b_texts = [p.text for p in val_h], [p.text for p in data.harmless_val]
     all_texts = list(dict.fromkeys([t for c in cats for t in pos_texts[c]] + neg_texts + val_h_texts + val_b_texts))
     union = sorted({f for c in cats for held in [None, *all_fams] for f in ranked[(c, held)][:kmax]})
-    pooled = _cached(prep.at("pooled", prep.model_name, prep.sae_key, union, all_texts, cfg.detect_layer, cfg.detect_reduce),
-                     lambda: pooled_features(llm, all_texts, union, layer=cfg.detect_layer, reduce=cfg.detect_reduce, progress=progress,
-                                             desc="Pooling candidates"))
+    last: torch.Tensor | None = None
+    if any(d.last for d in prep.detect_configs):  # the last user token too, from the same forward passes (a cache of its own)
+        pooled, last = _cached(prep.at("pooledlast", prep.model_name, prep.sae_key, union, all_texts, cfg.detect_layer, cfg.detect_reduce),
+                               lambda: pooled_features(llm, all_texts, union, layer=cfg.detect_layer, reduce=cfg.detect_reduce, progress=progress,
+                                                       desc="Pooling candidates (and last tokens)", last=True))
+    else:
+        pooled = _cached(prep.at("pooled", prep.model_name, prep.sae_key, union, all_texts, cfg.detect_layer, cfg.detect_reduce),
+                         lambda: pooled_features(llm, all_texts, union, layer=cfg.detect_layer, reduce=cfg.detect_reduce, progress=progress,
+                                                 desc="Pooling candidates"))
     index = {t: i for i, t in enumerate(all_texts)}
     neg_idx = torch.tensor([index[t] for t in neg_texts])
 
@@ -235,7 +243,7 @@ def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptS
     generalization: Generalization | None = None
     if len(all_fams) >= 2:
         generalization = leave_one_source_out(pooled, union, positives, neg_idx.tolist(), [index[t] for t in val_b_texts], candidates,
-                                              prep.detect_configs, held_out_rows=measured, fpr=cfg.loso_fpr, progress=progress)
+                                              prep.detect_configs, held_out_rows=measured, fpr=cfg.loso_fpr, progress=progress, last=last)
         chosen = generalization.configs[generalization.chosen]
     else:
         chosen = prep.detect_configs[0]
@@ -243,21 +251,38 @@ def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptS
     fits: dict[str, DetectorFit] = {}
     scores: dict[str, torch.Tensor] = {}
     rows: list[FeatureRow] = []
+    width = len(union)
+    design = pooled if last is None or not chosen.last else torch.cat([pooled, last], 1)  # DetectConfig.columns' layout
     for c in cats:
         cand = candidates(c, None, chosen.n_candidates)
-        cols = torch.tensor([union.index(f) for f in cand])
+        cols = torch.tensor(chosen.columns([union.index(f) for f in cand], width))
         pos_idx = torch.tensor([index[t] for t in pos_texts[c]])
-        fit = fit_detector(pooled[pos_idx][:, cols], pooled[neg_idx][:, cols], n_features=chosen.n_features, l2=chosen.l2, seed=cfg.seed)
-        feats = [cand[i] for i in fit.keep]
-        # reduce_first: each feature pooled over the user's tokens, then weighed: exactly the probe's score
-        det = Detector(c, feats, [round(float(x), 6) for x in fit.weights], cfg.detect_reduce, "reduce_first")
+        fit = fit_detector(design[pos_idx][:, cols], design[neg_idx][:, cols], n_features=chosen.n_features, l2=chosen.l2, seed=cfg.seed,
+                           l1=chosen.l1)
+        det = _detector(c, [int(cols[i]) for i in fit.keep], fit.weights, union, cfg.detect_reduce, chosen.last)
         detectors.append(det)
         fits[c] = fit
-        scores[c] = pooled[:, torch.tensor([union.index(f) for f in feats])] @ torch.tensor(det.weights)
+        fidx = torch.tensor([union.index(f) for f in det.features])
+        # reduce_first: each feature pooled over the user's tokens, then weighed (and the last token's, weighed): exactly the probe's score
+        scores[c] = pooled[:, fidx] @ torch.tensor(det.weights)
+        if det.last_weights is not None:
+            scores[c] = scores[c] + last[:, fidx] @ torch.tensor(det.last_weights)  # type: ignore[index]
         sc, target, order = table[c]
         rows += _rows("detect", c, cfg.detect_layer, sc, target, harmless, order, det.features,
                       {f: {"weight": wt} for f, wt in zip(det.features, det.weights, strict=True)})
-    return Detectors(harmless, ranked, union, all_texts, pooled, pos_texts, neg_texts, generalization, chosen, detectors, fits, scores, rows)
+    return Detectors(harmless, ranked, union, all_texts, pooled, pos_texts, neg_texts, generalization, chosen, detectors, fits, scores, rows, last)
+
+
+def _detector(category: str, columns: Sequence[int], weights: torch.Tensor, union: Sequence[int], reduce: str, last: bool) -> Detector:
+    """The detector of probe ``weights`` over design ``columns`` (``DetectConfig.columns``: a column ``j`` below ``len(union)``
+    is feature ``union[j]`` pooled, above it the same feature at the last user token): each feature once, in the order
+    of its first column, a weight for each reading (0 for the one the probe did not keep)."""
+    width = len(union)
+    feats = list(dict.fromkeys(union[j % width] for j in columns))
+    w, lw = [0.0] * len(feats), [0.0] * len(feats)
+    for j, x in zip(columns, weights.tolist(), strict=True):
+        (lw if j >= width else w)[feats.index(union[j % width])] = round(float(x), 6)
+    return Detector(category, feats, w, reduce, "reduce_first", lw if last else None)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +118,11 @@ def reply_thresholds(llm: Any, config: SelectConfig, prep: Prepared, det: Detect
     b_prompts = [p.text for p in _cap([p for p in data.harmless_select if not isinstance(p.text, Chat)], c.n_reply_benign, c.seed + 19)]
     vb_prompts = [p.text for p in data.harmless_val if not isinstance(p.text, Chat)]
     b_replies = compliance_replies(llm, b_prompts + vb_prompts, progress=progress)
-    detectors = det.detectors
-    rs = _cached(prep.at("replyscores", prep.model_name, prep.sae_key, [asdict(d) for d in detectors], own, b_prompts, vb_prompts, b_replies,
+    detectors = [d for d in det.detectors if d.last_weights is None]  # a reply has no last user token: those decide at the prompt
+    cats = [d.category for d in detectors]
+    if not detectors:
+        return None
+    rs = _cached(prep.at("replyscores", prep.model_name, prep.sae_key, [d.key() for d in detectors], own, b_prompts, vb_prompts, b_replies,
                          c.detect_layer),
                  lambda: reply_scores(llm, own + list(zip(b_prompts + vb_prompts, b_replies, strict=True)), detectors, layer=c.detect_layer,
                                       progress=progress))

@@ -85,8 +85,11 @@ def refusal_section(config: SelectConfig, refusal: Refusal, s: float, *, file: s
 
 def detect_block(config: SelectConfig, d: Detector) -> dict[str, Any]:
     """A detector as a pack's (or policy's) ``detect`` block, without a threshold."""
-    return {"layer": config.detect_layer, "features": d.features, "weights": d.weights, "combine": "sum", "reduce": d.reduce, "order": d.order,
-            "turns": "last"}
+    out = {"layer": config.detect_layer, "features": d.features, "weights": d.weights, "combine": "sum", "reduce": d.reduce, "order": d.order,
+           "turns": "last"}
+    if d.last_weights is not None:
+        out["last_weights"] = d.last_weights
+    return out
 
 
 def write_pack(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, levels: Levels, refusal: Refusal, reply: ReplyCalibration | None,
@@ -123,7 +126,7 @@ def write_pack(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, l
     for d in det.detectors:
         entry: dict[str, Any] = {"label": label(d.category), "taxonomy_code": taxonomy_code(d.category), "detect": detect_block(c, d),
                                  **levels.operating[d.category]}
-        if reply is not None:
+        if reply is not None and d.category in reply.thresholds:  # a last-token detector does not watch the reply (PackCategory)
             entry["reply"] = {"threshold": reply.thresholds[d.category]}
         if entry["taxonomy_code"] is None:
             del entry["taxonomy_code"]
