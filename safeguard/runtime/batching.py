@@ -128,12 +128,10 @@ class Job:
         return self.future.result()
 
 
-class MicroBatcher:
-    """Collect concurrent requests for ``window_s`` seconds and generate them as one batch of up to ``max_batch`` rows.
-
-    ``submit`` is thread-safe and returns a job whose ``future`` (a ``concurrent.futures.Future``; ``asyncio.wrap_future``
-    awaits it) holds a ``GenerationResult``, or a ``TextStream`` for ``stream=True``. ``close()`` finishes every submitted job, then joins the worker.
-    """
+class _JobQueue:
+    """What both engine batchers share: a thread-safe queue of jobs, one worker thread that owns the model, and
+    ``close()``, which finishes every submitted job before joining it. Subclasses set their state in ``_setup`` and
+    run ``_loop`` in the worker."""
 
     def __init__(self, llm: Any, *, window_s: float = 0.005, max_batch: int = 8, on_batch: Any = None):
         if window_s < 0 or max_batch < 1:
@@ -146,21 +144,29 @@ class MicroBatcher:
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._setup()
         self._thread = threading.Thread(target=self._loop, name="safeguard-batcher", daemon=True)
         self._thread.start()
 
-    def __repr__(self) -> str:
-        return f"MicroBatcher(window_s={self.window_s}, max_batch={self.max_batch}, pending={len(self._pending)})"
+    def _setup(self) -> None:
+        """The subclass's own state, set before the worker starts."""
+
+    def _loop(self) -> None:
+        raise NotImplementedError
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def submit(self, prompt: Any, policy: Any, settings: Settings, *, deadline: float = float("inf"), stream: bool = False,
                parent: Any = None, shadows: Any = None, cancel: threading.Event | None = None) -> Job:
         """Queue one prompt (a string or message list) under ``policy`` (a ``Policy``, ``None`` for the active one,
         ``False`` for none). Returns the job; ``job.future`` holds the result (``stream=True``: the row's
-        ``TextStream``, as soon as its batch starts)."""
+        ``TextStream``, once its row has started)."""
         job = Job(prompt, policy, settings, deadline, stream=stream, parent=parent, shadows=shadows, cancel=cancel)
         job.key = settings.key
         with self._cond:
@@ -170,20 +176,27 @@ class MicroBatcher:
             self._cond.notify_all()
         return job
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def in_worker(self) -> bool:
         """Whether the calling thread is the worker (a call from it must not queue behind itself)."""
         return threading.current_thread() is self._thread
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop taking jobs, finish the pending ones, join the worker (re-raising nothing: errors go to futures)."""
+        """Stop taking jobs, finish the pending and running ones, join the worker (errors go to the futures)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+
+
+class MicroBatcher(_JobQueue):
+    """Collect concurrent requests for ``window_s`` seconds and generate them as one batch of up to ``max_batch`` rows.
+
+    ``submit`` is thread-safe and returns a job whose ``future`` (a ``concurrent.futures.Future``; ``asyncio.wrap_future``
+    awaits it) holds a ``GenerationResult``, or a ``TextStream`` for ``stream=True``. ``close()`` finishes every submitted job, then joins the worker.
+    """
+
+    def __repr__(self) -> str:
+        return f"MicroBatcher(window_s={self.window_s}, max_batch={self.max_batch}, pending={len(self._pending)})"
 
     # ------------------------------------------------------------------------------------------ worker
     def _take(self) -> list[Job] | None:

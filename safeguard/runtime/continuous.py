@@ -27,16 +27,13 @@ it had not yet handed out, when the rerun reproduces what it had (else it gets t
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from typing import Any
 
 import torch
 
 from .. import telemetry
-from ..errors import InputError
-from .batching import Job, Settings
+from .batching import Job, _JobQueue
 from .openers import ForceOpener, uses_openers
 from .steering import RunState, SteeringHandle, decoder_layers, generate_positions, steering
 from .streams import TextStream, _Batch, _Rows
@@ -106,71 +103,28 @@ class _Row:
         return self.out.stopped[0].is_set() or self.job.abandoned
 
 
-class IterationBatcher:
+class IterationBatcher(_JobQueue):
     """Iteration-level batching of up to ``max_batch`` rows (see the module's docstring). The same interface as
     ``MicroBatcher``: ``submit`` is thread-safe and returns a job whose future holds a ``GenerationResult`` (or a
     ``TextStream`` for ``stream=True``, as soon as the row's prefill is done); ``close()`` finishes every submitted
-    job, then joins the worker."""
+    job, then joins the worker. ``on_batch`` is called with the number of rows of every prefill (rows that joined
+    together)."""
 
-    def __init__(self, llm: Any, *, window_s: float = 0.005, max_batch: int = 8, on_batch: Any = None):
-        if window_s < 0 or max_batch < 1:
-            raise InputError(f"window_s must be >= 0 and max_batch >= 1, got {window_s}, {max_batch}")
-        self.llm = llm
-        self.window_s = float(window_s)
-        self.max_batch = int(max_batch)
-        self.on_batch = on_batch
-        """Called with the number of rows of every prefill (rows that joined together)."""
+    def _setup(self) -> None:
         self.steps = 0
         """Decode steps run so far (forwards of the running batch)."""
-        self._pending: deque[Job] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
         self._rows: list[_Row] = []
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._procs: dict[tuple[Any, ...], Any] = {}
-        self._thread = threading.Thread(target=self._loop, name="safeguard-batcher", daemon=True)
-        self._thread.start()
 
     def __repr__(self) -> str:
         return f"IterationBatcher(window_s={self.window_s}, max_batch={self.max_batch}, running={len(self._rows)}, pending={len(self._pending)})"
 
     @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    @property
     def running(self) -> int:
         """Rows in the running batch."""
         return len(self._rows)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def submit(self, prompt: Any, policy: Any, settings: Settings, *, deadline: float = float("inf"), stream: bool = False,
-               parent: Any = None, shadows: Any = None, cancel: threading.Event | None = None) -> Job:
-        """Queue one prompt (a string or message list) under ``policy`` (a ``Policy``, ``None`` for the active one,
-        ``False`` for none). Returns the job; ``job.future`` holds the result (``stream=True``: the row's
-        ``TextStream``, once its prefill is done)."""
-        job = Job(prompt, policy, settings, deadline, stream=stream, parent=parent, shadows=shadows, cancel=cancel)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the batcher is closed")
-            self._pending.append(job)
-            self._cond.notify_all()
-        return job
-
-    def in_worker(self) -> bool:
-        """Whether the calling thread is the worker (a call from it must not queue behind itself)."""
-        return threading.current_thread() is self._thread
-
-    def close(self, timeout: float | None = None) -> None:
-        """Stop taking jobs, finish the pending and running ones, join the worker (errors go to the futures)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
 
     # ------------------------------------------------------------------------------------------ worker
     def _take(self) -> list[Job] | None:
