@@ -420,10 +420,10 @@ class ChatSafeguard(BaseChatModel):
                **kwargs: Any) -> Iterator[AIMessageChunk]:
         config, kwargs = self._prepare(config, kwargs)
         run_id = config["run_id"]
-        # LangChain's stream() calls _stream without its run manager: the report event is sent from here.
-        streaming = self._should_stream(async_api=False, **{**kwargs, "stream": True})
+        # LangChain's stream() calls _stream without its run manager: the report event is sent from here. A model
+        # that does not stream (disable_streaming) yields invoke's AIMessage instead, whose run already sent it.
         for chunk in super().stream(input, config, stop=stop, **kwargs):
-            if streaming and chunk.chunk_position == "last" and REPORT_KEY in chunk.response_metadata:
+            if _last_streamed(chunk):
                 self._callback_manager(config).on_custom_event(REPORT_EVENT, chunk.response_metadata[REPORT_KEY], run_id=run_id)
             yield chunk
 
@@ -431,9 +431,8 @@ class ChatSafeguard(BaseChatModel):
                       **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
         config, kwargs = self._prepare(config, kwargs)
         run_id = config["run_id"]
-        streaming = self._should_stream(async_api=True, **{**kwargs, "stream": True})
         async for chunk in super().astream(input, config, stop=stop, **kwargs):
-            if streaming and chunk.chunk_position == "last" and REPORT_KEY in chunk.response_metadata:
+            if _last_streamed(chunk):
                 manager = self._callback_manager(config, AsyncCallbackManager)
                 await manager.on_custom_event(REPORT_EVENT, chunk.response_metadata[REPORT_KEY], run_id=run_id)
             yield chunk
@@ -448,3 +447,9 @@ class ChatSafeguard(BaseChatModel):
                                      stop: list[str] | None = None, **kwargs: Any) -> Any:
         config, kwargs = self._prepare(config, kwargs)
         return await super()._achat_model_stream_v3(input, config, stop=stop, **kwargs)
+
+
+def _last_streamed(chunk: Any) -> bool:
+    """Whether ``chunk`` is the last chunk ``_stream``/``_astream`` yielded (it carries the report), not the
+    ``AIMessage`` that LangChain's stream() passes on when the model does not stream."""
+    return isinstance(chunk, AIMessageChunk) and chunk.chunk_position == "last" and REPORT_KEY in chunk.response_metadata

@@ -232,7 +232,8 @@ def test_every_path_emits_the_report_event_on_the_chat_model_run(chat, tiny_llm)
     chat.batch(["hello there", "hi"], config=cfg)
     ChatSafeguard(llm=tiny_llm, max_tokens=MAX, streaming=True).invoke("hello there", config=cfg)
     list(chat.stream_events("hello there", version="v3", config=cfg))
-    assert len(h.reports) == len(h.llm_runs) == 6
+    list(ChatSafeguard(llm=tiny_llm, max_tokens=MAX, disable_streaming=True).stream("hello there", config=cfg))  # invoke's path
+    assert len(h.reports) == len(h.llm_runs) == 7
     assert sorted(str(run) for run, _ in h.reports) == sorted(map(str, h.llm_runs))  # batch rows end in any order
     assert all(data["fired"] == ["cyber"] and data["policy_name"] == "tiny" for _, data in h.reports)
 
@@ -243,7 +244,8 @@ async def test_async_paths_emit_the_report_event(chat):
     await chat.ainvoke("hello there", config=cfg)
     [c async for c in chat.astream("hello there", config=cfg)]
     await chat.abatch(["hello there", "hi"], config=cfg)
-    assert len(h.reports) == len(h.llm_runs) == 4 and sorted(str(r) for r, _ in h.reports) == sorted(map(str, h.llm_runs))
+    [c async for c in chat.model_copy(update={"disable_streaming": True}).astream("hello there", config=cfg)]  # ainvoke's path
+    assert len(h.reports) == len(h.llm_runs) == 5 and sorted(str(r) for r, _ in h.reports) == sorted(map(str, h.llm_runs))
 
 
 async def test_astream_events_shows_the_report(chat):
