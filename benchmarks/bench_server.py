@@ -1,7 +1,7 @@
 """``safeguard serve`` under load: the engine's batching (``--mode``) against the serialized queue, in one run, on the embedded model.
 
-A closed-loop load generator: C client threads, each sending its requests one after another (a fixed number, so
-every loop is bounded) to 127.0.0.1 only, alternating the ``eu`` and ``us`` policies per client. Two servers run
+A closed-loop load generator: C client threads (in a second process unless ``--in-process``), each sending its
+requests one after another (a fixed number, so every loop is bounded) to 127.0.0.1 only, alternating the ``eu`` and ``us`` policies per client. Two servers run
 in this process on one loaded model (the same weights, one at a time): batching on (window ``--window-ms``, up to 8
 rows) and off (one request at a time: what the lock gave before). Each concurrency level runs against both, back
 to back, so machine noise hits them alike.
@@ -121,6 +121,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pack", default=None, help="a detector pack file (default: the bundled one)")
     ap.add_argument("--no-stream", action="store_true", help="skip the time-to-first-token pass")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the client threads in the server's process (they then share its interpreter lock with the engine's "
+                         "worker); by default they run in a second process, as real clients do")
     ap.add_argument("--stream-requests", type=int, default=1,
                     help="streaming requests per client in the time-to-first-token pass (> 1: also p95 over each client's "
                          "later requests, once the first burst of simultaneous arrivals is past)")
@@ -139,15 +142,25 @@ def main() -> None:
     off = create_app(other, policies, config=ServerConfig(batching=False))
     llm.generate("warm up", max_new_tokens=4)
     print(f"model {llm.model_name}, policies eu/us alternating, max_tokens {args.tokens}, greedy, {args.threads} torch thread(s), "
-          f"batching mode {args.mode}, window {args.window_ms} ms, max batch 8; clients, servers and model share this process")
+          f"batching mode {args.mode}, window {args.window_ms} ms, max batch 8; "
+          + ("clients, servers and model share this process" if args.in_process else "clients in a second process"))
     head = f"{'clients':>7} {'mode':<10} {'reqs':>4} {'tok/s':>7} {'req/s':>6} {'p50 s':>6} {'p95 s':>6}"
     results: dict[tuple[int, str], dict[str, float]] = {}
+    import multiprocessing
+
+    pool = None if args.in_process else multiprocessing.get_context("spawn").Pool(1)
+
+    def level(base: str, clients: int, per: int, stream: bool) -> dict[str, float]:
+        if pool is None:
+            return _level(base, clients, per, args.tokens, stream)
+        return pool.apply(_level, (base, clients, per, args.tokens, stream))
+
     with _Live(on) as base_on, _Live(off) as base_off:
         print(head)
         for c in args.clients:
             per = max(1, args.requests // c)
             for mode, base in (("serialized", base_off), ("batched", base_on)):
-                r = results[(c, mode)] = _level(base, c, per, args.tokens, stream=False)
+                r = results[(c, mode)] = level(base, c, per, False)
                 print(f"{c:>7} {mode:<10} {r['requests']:>4} {r['tok_s']:>7.1f} {r['req_s']:>6.2f} {r['p50']:>6.2f} {r['p95']:>6.2f}", flush=True)
         ttft: dict[tuple[int, str], dict[str, float]] = {}
         if not args.no_stream:
@@ -156,8 +169,11 @@ def main() -> None:
                   f"{'p95 later':>9} {'tok/s':>7}")
             for c in args.clients:
                 for mode, base in (("serialized", base_off), ("batched", base_on)):
-                    r = ttft[(c, mode)] = _level(base, c, k, args.tokens, stream=True)
+                    r = ttft[(c, mode)] = level(base, c, k, True)
                     print(f"{c:>7} {mode:<10} {r['ttft50']:>9.2f} {r['ttft95']:>9.2f} {r['ttft95_later']:>9.2f} {r['tok_s']:>7.1f}", flush=True)
+    if pool is not None:
+        pool.close()
+        pool.join()
     print("\nratios, batched / serialized (same run)")
     print(f"{'clients':>7} {'tok/s':>7} {'p50':>6} {'p95':>6}")
     for c in args.clients:
