@@ -89,13 +89,18 @@ def _one(client, base: str, policy: str, prompt: str, tokens: int, stream: bool)
     return dt, ttft if ttft is not None else dt, n
 
 
-def _level(base: str, clients: int, per_client: int, tokens: int, stream: bool) -> dict[str, float]:
+def _level(base: str, clients: int, per_client: int, tokens: int, stream: bool, think_s: float = 0.0) -> dict[str, float]:
+    import random
+
     import httpx
 
     def client_loop(i: int) -> list[tuple[float, float, int, int]]:
         out = []
+        pause = random.Random(i)  # seeded: the same think times in both modes
         with httpx.Client(timeout=600) as c:
             for k in range(per_client):  # bounded
+                if k and think_s:
+                    time.sleep(pause.uniform(0, think_s))
                 policy = ("eu", "us")[(i + k) % 2]
                 out.append((*_one(c, base, policy, PROMPTS[(i * per_client + k) % len(PROMPTS)], tokens, stream), k))
         return out
@@ -124,6 +129,9 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true",
                     help="run the client threads in the server's process (they then share its interpreter lock with the engine's "
                          "worker); by default they run in a second process, as real clients do")
+    ap.add_argument("--think-ms", type=float, default=0.0,
+                    help="streaming pass: each client pauses a seeded random 0..think-ms before each request after its first "
+                         "(closed-loop think time; 0: clients whose rows end together send their next requests together)")
     ap.add_argument("--stream-requests", type=int, default=1,
                     help="streaming requests per client in the time-to-first-token pass (> 1: also p95 over each client's "
                          "later requests, once the first burst of simultaneous arrivals is past)")
@@ -151,9 +159,10 @@ def main() -> None:
     pool = None if args.in_process else multiprocessing.get_context("spawn").Pool(1)
 
     def level(base: str, clients: int, per: int, stream: bool) -> dict[str, float]:
+        think = args.think_ms / 1000 if stream else 0.0
         if pool is None:
-            return _level(base, clients, per, args.tokens, stream)
-        return pool.apply(_level, (base, clients, per, args.tokens, stream))
+            return _level(base, clients, per, args.tokens, stream, think)
+        return pool.apply(_level, (base, clients, per, args.tokens, stream, think))
 
     with _Live(on) as base_on, _Live(off) as base_off:
         print(head)
