@@ -303,8 +303,7 @@ class IterationBatcher(_JobQueue):
         if p is not None and p.enforce and any(c.response == "block" for c in p.categories):
             custom.append(_EndBlockedRows(run, sorted(llm._eos_ids())))  # type: ignore[arg-type]
         if uses_openers([p]):
-            eos = llm._eos_ids()
-            r.force = ForceOpener(run, llm.tokenizer, width, min(eos) if eos else None)  # type: ignore[arg-type]
+            r.force = ForceOpener(run, llm.tokenizer, width, llm._eos_ids())  # type: ignore[arg-type]
             custom.append(r.force)
         kw = llm._gen_kwargs([r.max_new], r.temperature, None, {k: v for k, v in r.extra.items() if k != "max_time"})
         model = llm.model

@@ -582,7 +582,7 @@ class SteeredLLM:
         if uses_openers(policies):  # refusing rows start with the pack's opener (openers.py); other rows untouched
             from transformers import LogitsProcessorList
 
-            force = ForceOpener(run, self.tokenizer, ids.shape[1], min(eos) if eos else None)  # the token blocked rows end with
+            force = ForceOpener(run, self.tokenizer, ids.shape[1], eos)
             kw["logits_processor"] = LogitsProcessorList([*kw.get("logits_processor", []), force])
         dev = self.device
         try:

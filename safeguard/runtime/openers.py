@@ -102,11 +102,11 @@ class ForceOpener:
     opener's ``k``-th token; a row whose pack ends the reply with the opener may then only emit ``eos`` (the
     end of turn). ``forced`` holds, after the first step, row -> its opener."""
 
-    def __init__(self, run: RunState, tokenizer: Any, prompt_len: int, eos: int | None = None):
+    def __init__(self, run: RunState, tokenizer: Any, prompt_len: int, eos: Sequence[int] | set[int] = ()):
         self._run = run
         self._tok = tokenizer
         self._prompt_len = prompt_len
-        self._eos = eos
+        self._eos = min(eos) if eos else None  # the end-of-turn token blocked rows end with (sorted(eos)[0])
         self.forced: dict[int, str] = {}
         self._ids: dict[int, tuple[int, ...]] | None = None
 
