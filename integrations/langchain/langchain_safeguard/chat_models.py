@@ -13,6 +13,12 @@ No batch machinery of its own: LangChain's default ``batch`` (one ``invoke`` per
 ``ainvoke`` per task) reach the engine at once, and the engine's batching (``SteeredLLM.enable_batching``, turned on
 here unless ``batching=False``) runs concurrent requests in one shared batch (rows join it between decode steps),
 each row under its own policy, from any thread or task, batched or not.
+
+The work is LangChain's hooks (``_generate``, ``_stream`` and their async forms); no private langchain-core API is
+used beyond the hooks a chat model is meant to implement (those four, ``_llm_type``, ``_identifying_params``,
+``_get_ls_params``). ``invoke``/``ainvoke``/``stream``/``astream`` and ``stream_events``/``astream_events`` (``version="v3"``) stay
+overridden, thinly, for two things langchain-core does not pass to those hooks: the call's ``configurable`` policy, and
+the run of a ``_stream`` it calls without a run manager (the comment above them gives the lines).
 """
 
 from __future__ import annotations
@@ -33,8 +39,7 @@ from langchain_core.callbacks import (
     CallbackManager,
     CallbackManagerForLLMRun,
 )
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig, ensure_config
@@ -398,6 +403,18 @@ class ChatSafeguard(BaseChatModel):
         yield last
 
     # ------------------------------------------------------------- Runnable entry points (config)
+    # These public methods stay overridden because langchain-core (1.8.3, language_models/chat_models.py) shows
+    # _generate/_stream neither of two things by any public means:
+    #   - config["configurable"]: invoke()/ainvoke() hand generate_prompt only the callbacks, tags, metadata, run name
+    #     and run id (lines 524-538 and 551-561), stream()/astream() and stream_events(version="v3") build their run
+    #     from the same keys, and none of them sets the child-config context, so ensure_config() inside _generate or
+    #     _stream sees an enclosing chain's config at best, never the one given to this call. Each override turns
+    #     configurable.policy into the policy= argument, which does reach _generate/_stream.
+    #   - the run: stream()/astream() call _stream/_astream without a run manager (lines 837 and 970), and so does
+    #     invoke()/ainvoke()'s streaming path (streaming=True, or a streaming callback handler such as astream_events';
+    #     lines 2024 and 2179). stream()/astream() send the report event themselves; invoke()/ainvoke() fix the run id
+    #     and publish it through _current_run for that _stream to use.
+    # batch()/abatch() (one invoke/ainvoke per row) and astream_events v1/v2 (through astream()) need no override.
     def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> AIMessage:
         config, kwargs = self._prepare(config, kwargs)
@@ -437,16 +454,20 @@ class ChatSafeguard(BaseChatModel):
                 await manager.on_custom_event(REPORT_EVENT, chunk.response_metadata[REPORT_KEY], run_id=run_id)
             yield chunk
 
-    # stream_events(version="v3") enters below stream()/astream(); give it the same configurable policy.
-    def _chat_model_stream_v3(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-                              stop: list[str] | None = None, **kwargs: Any) -> Any:
-        config, kwargs = self._prepare(config, kwargs)
-        return super()._chat_model_stream_v3(input, config, stop=stop, **kwargs)
+    def stream_events(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, version: Literal["v1", "v2", "v3"] = "v2",
+                      stop: list[str] | None = None, **kwargs: Any) -> Any:
+        """LangChain's ``stream_events``; ``version="v3"`` (which does not go through ``stream()``) gets the configurable
+        policy here. v1/v2 go through ``astream()`` unchanged."""
+        if version == "v3":
+            config, kwargs = self._prepare(config, kwargs)
+        return super().stream_events(input, config, version=version, stop=stop, **kwargs)
 
-    async def _achat_model_stream_v3(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-                                     stop: list[str] | None = None, **kwargs: Any) -> Any:
-        config, kwargs = self._prepare(config, kwargs)
-        return await super()._achat_model_stream_v3(input, config, stop=stop, **kwargs)
+    def astream_events(self, input: LanguageModelInput, config: RunnableConfig | None = None, *, version: Literal["v1", "v2", "v3"] = "v2",
+                       stop: list[str] | None = None, **kwargs: Any) -> Any:
+        """LangChain's ``astream_events``; ``version="v3"`` gets the configurable policy here, v1/v2 go through ``astream()``."""
+        if version == "v3":
+            config, kwargs = self._prepare(config, kwargs)
+        return super().astream_events(input, config, version=version, stop=stop, **kwargs)
 
 
 def _last_streamed(chunk: Any) -> bool:

@@ -17,8 +17,7 @@ from typing import Any
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
 from langchain_core.prompt_values import PromptValue
-from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import get_config_list
+from langchain_core.runnables import Runnable, RunnableConfig, get_config_list
 
 from safeguard import InputError, Policy, SteeredLLM, SteeringReport
 

@@ -256,6 +256,133 @@ async def test_astream_events_shows_the_report(chat):
     assert len(custom) == 1 and custom[0]["run_id"] == model_run and custom[0]["data"]["fired"] == ["cyber"]
 
 
+# ----------------------------------------------------------------------------- public entry points
+# Every way LangChain runs a chat model, given nothing but a config: the request's policy comes from
+# config["configurable"]["policy"], and each run sends exactly one report event, on the chat model's run.
+Q = "hello there"
+
+
+def _reply(msg: Any) -> tuple[str, dict[str, Any]]:
+    return msg.text, msg.response_metadata["safeguard"]
+
+
+def _chunks(chunks: list[Any]) -> tuple[str, dict[str, Any]]:
+    assert chunks[-1].chunk_position == "last" and all("safeguard" not in c.response_metadata for c in chunks[:-1])
+    return "".join(c.content for c in chunks), chunks[-1].response_metadata["safeguard"]
+
+
+def _v3(stream: Any) -> tuple[str, dict[str, Any]]:
+    for _ in stream:
+        pass
+    return _reply(stream.output)
+
+
+def _streaming(chat: ChatSafeguard) -> ChatSafeguard:
+    """The same model with ``streaming=True``: invoke generates through ``_stream`` (LangChain gives it no run manager)."""
+    return ChatSafeguard(llm=chat.llm, max_tokens=MAX, policies=chat.policies, streaming=True)
+
+
+ROUTES = {
+    "invoke": lambda chat, cfg: _reply(chat.invoke(Q, config=cfg)),
+    "invoke streaming=True": lambda chat, cfg: _reply(_streaming(chat).invoke(Q, config=cfg)),
+    "stream": lambda chat, cfg: _chunks(list(chat.stream(Q, config=cfg))),
+    "batch": lambda chat, cfg: _reply(chat.batch([Q], config=cfg)[0]),
+    "stream_events v3": lambda chat, cfg: _v3(chat.stream_events(Q, version="v3", config=cfg)),
+}
+
+
+async def _ainvoke(chat: ChatSafeguard, cfg: Any) -> tuple[str, dict[str, Any]]:
+    return _reply(await chat.ainvoke(Q, config=cfg))
+
+
+async def _ainvoke_streaming(chat: ChatSafeguard, cfg: Any) -> tuple[str, dict[str, Any]]:
+    return _reply(await _streaming(chat).ainvoke(Q, config=cfg))
+
+
+async def _astream(chat: ChatSafeguard, cfg: Any) -> tuple[str, dict[str, Any]]:
+    return _chunks([c async for c in chat.astream(Q, config=cfg)])
+
+
+async def _abatch(chat: ChatSafeguard, cfg: Any) -> tuple[str, dict[str, Any]]:
+    return _reply((await chat.abatch([Q], config=cfg))[0])
+
+
+async def _astream_events_v3(chat: ChatSafeguard, cfg: Any) -> tuple[str, dict[str, Any]]:
+    stream = await chat.astream_events(Q, version="v3", config=cfg)
+    async for _ in stream:
+        pass
+    return _reply(await stream.output)
+
+
+AROUTES = {"ainvoke": _ainvoke, "ainvoke streaming=True": _ainvoke_streaming, "astream": _astream, "abatch": _abatch,
+           "astream_events v3": _astream_events_v3}
+POLICIES = [("eu", NEVER), (NEVER, NEVER), (FIRE, FIRE), (None, None)]  # (config's policy, the policy it stands for)
+
+
+@pytest.fixture
+def eu_chat(tiny_llm):
+    """``"eu"`` registered as the never-firing policy (a registered name wins over the shipped policy of that name)."""
+    return ChatSafeguard(llm=tiny_llm, max_tokens=MAX, policies={"eu": NEVER})
+
+
+def _check_run(tiny_llm: SteeredLLM, got: tuple[str, dict[str, Any]], events: Events, policy: Policy | None) -> None:
+    ref = expected(tiny_llm, Q, policy=policy)
+    text, report = got
+    assert text == ref.text and without_timings(report) == without_timings(report_dict(ref.report))
+    assert report["fired"] == ([] if policy is NEVER else ["cyber"])
+    [run] = events.llm_runs
+    assert [(r, without_timings(data)) for r, data in events.reports] == [(run, without_timings(report))]  # one event, on the run
+
+
+def _refused(error: BaseException, bad: Any) -> None:
+    from safeguard.runtime.policy import shipped_policies
+
+    assert isinstance(error, PolicyError) and "never a file path" in str(error)
+    assert f"by name ({', '.join(sorted({'eu', *shipped_policies()}))})" in str(error)  # names what would have worked
+    if bad == "no-such-policy":
+        assert "'no-such-policy'" in str(error)
+
+
+@pytest.mark.parametrize(("policy", "means"), POLICIES, ids=["name", "Policy", "other Policy", "none"])
+@pytest.mark.parametrize("route", ROUTES)
+def test_configurable_policy_and_one_report_event_on_every_route(eu_chat, tiny_llm, route, policy, means):
+    h = Events()
+    got = ROUTES[route](eu_chat, {"callbacks": [h], "configurable": {} if policy is None else {"policy": policy}})
+    _check_run(tiny_llm, got, h, means)
+
+
+@pytest.mark.parametrize(("policy", "means"), POLICIES, ids=["name", "Policy", "other Policy", "none"])
+@pytest.mark.parametrize("route", AROUTES)
+async def test_configurable_policy_and_one_report_event_on_every_async_route(eu_chat, tiny_llm, route, policy, means):
+    h = AsyncEvents()
+    got = await AROUTES[route](eu_chat, {"callbacks": [h], "configurable": {} if policy is None else {"policy": policy}})
+    _check_run(tiny_llm, got, h, means)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_unknown_names_and_paths_are_refused_on_every_route(eu_chat, route, tmp_path):
+    path = tmp_path / "never.yaml"
+    path.write_text(yaml.safe_dump(policy_dict(threshold=1e9)))  # a valid policy file is refused all the same
+    for bad in ("no-such-policy", str(path), path):
+        h = Events()
+        with pytest.raises(PolicyError) as info:
+            ROUTES[route](eu_chat, {"callbacks": [h], "configurable": {"policy": bad}})
+        _refused(info.value, bad)
+        assert h.reports == []
+
+
+@pytest.mark.parametrize("route", AROUTES)
+async def test_unknown_names_and_paths_are_refused_on_every_async_route(eu_chat, route, tmp_path):
+    path = tmp_path / "never.yaml"
+    path.write_text(yaml.safe_dump(policy_dict(threshold=1e9)))
+    for bad in ("no-such-policy", str(path), path):
+        h = AsyncEvents()
+        with pytest.raises(PolicyError) as info:
+            await AROUTES[route](eu_chat, {"callbacks": [h], "configurable": {"policy": bad}})
+        _refused(info.value, bad)
+        assert h.reports == []
+
+
 # ----------------------------------------------------------------------------------------- batching
 def _count_generate_calls(llm, monkeypatch) -> list[tuple[int, int]]:
     """(rows, largest max_new_tokens) of every shared prefill: a ``model.generate`` call (no batching, or the window
