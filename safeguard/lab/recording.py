@@ -84,14 +84,25 @@ def layer_outputs(model: Any, rows: Sequence[Sequence[int]], layers: Sequence[in
     return {layer: captured[layer].cpu() for layer in layers}, attn
 
 
-def encode_prompt(llm: Any, prompt: Any) -> tuple[list[int], list[bool]]:
+def encode_prompt(llm: Any, prompt: Any, *, window: int | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of a chat-formatted prompt and the mask of the tokens detection reads, exactly as the engine
-    builds them: a text is one user turn; a ``Chat`` is read at its last user turn, in context."""
+    builds them: a text is one user turn; a ``Chat`` is read at its last user turn, in context. ``window``: only the
+    mask's last ``window`` tokens (``Detect.window``; the engine's ``steering.tail_mask``)."""
     from .selection.data import Chat, model_input
 
-    if isinstance(prompt, Chat):
-        return llm._encode_one(model_input(prompt), True, turns="last")
-    return llm._encode_one(prompt, True)
+    ids, mask = llm._encode_one(model_input(prompt), True, turns="last") if isinstance(prompt, Chat) else llm._encode_one(prompt, True)
+    return ids, tail(mask, window)
+
+
+def tail(mask: list[bool], window: int | None) -> list[bool]:
+    """``mask`` with only its last ``window`` True positions kept (``None``: unchanged), as ``steering.tail_mask``."""
+    if window is None:
+        return mask
+    out, left = [False] * len(mask), window
+    for i in range(len(mask) - 1, -1, -1):
+        if mask[i] and left > 0:
+            out[i], left = True, left - 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

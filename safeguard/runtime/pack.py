@@ -38,6 +38,8 @@ a pack says *how* one model does it. ``safeguard select`` writes packs; people w
       # a detector may also weigh its features at the last token it reads (the last user token, in context):
       #   detect: {..., weights: [0.05, 0.0], last_weights: [0.0, 0.02], combine: sum, reduce: max, order: reduce_first}
       # score = sum_i weights[i] * max_t f_i(t) + sum_i last_weights[i] * f_i(last); such a category has no `reply`
+      # and may read only the end of the message: `window: 64` keeps the last 64 of the tokens `turns` chooses (where a
+      # jailbreak template puts the request it wraps); a message of at most 64 tokens is read whole
       # (a reply has no last user token: the pack refuses the combination)
 
 ``fpr`` and ``recall`` are measured on the validation part of selection's data (``null`` where nothing was

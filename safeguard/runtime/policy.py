@@ -110,6 +110,11 @@ class Detect(Strict):
     pooled score: ``sum_i weights[i] * reduce(f_i) + sum_i last_weights[i] * f_i(last)``, the form of one probe on pooled
     and last-token features (``safeguard select`` writes it). Left out of the dump when unset, so older files keep their
     hash. A pack category with it cannot watch the reply (a reply has no last user token)."""
+    window: Annotated[int | None, Field(ge=1, exclude_if=lambda v: v is None)] = None
+    """Optional: read only the last ``window`` of the tokens ``turns`` chooses (the end of the message, where a
+    jailbreak template puts the request it wraps; ``safeguard select --window`` writes it). A message of at most
+    ``window`` tokens is read whole, so its score is unchanged. Left out of the dump when unset, so older files keep
+    their hash."""
     threshold: float
 
     @field_validator("features")

@@ -121,10 +121,20 @@ class _Category:
     """Also scored on the generated tokens, firing at this threshold (``None``: the prompt decides alone)."""
     last_weights: torch.Tensor | None = None
     """Weights of the features at the last token of the mask, added to the pooled score (``Detect.last_weights``)."""
+    window: int | None = None
+    """Only the last ``window`` positions of the mask are read (``Detect.window``; ``None``: all of them)."""
 
     def score(self, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return detection_score(acts, mask, weights=self.weights, combine=self.combine, reduce=self.reduce, order=self.order,
                                last_weights=self.last_weights)
+
+
+def tail_mask(mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``mask`` (..., P) with only the last ``window`` True positions of each row kept (``None``: ``mask`` itself)."""
+    if window is None:
+        return mask
+    from_end = mask.flip(-1).to(torch.int32).cumsum(-1).flip(-1)  # True positions at or after each position
+    return mask & (from_end <= window)
 
 
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -196,7 +206,7 @@ class CompiledPolicy:
             last_weights = torch.tensor(d.last_weights, device=device) if d.last_weights is not None else None
             actions = [self._compile_action(a, base, saes, device, dtype, where) for a, base in c.steer]
             self.categories.append(_Category(c.id, c.label, c.response, d.layer, d.threshold, d.combine, d.reduce, index, weights, actions,
-                                             d.order, c.message, d.turns, c.reply_threshold, last_weights))
+                                             d.order, c.message, d.turns, c.reply_threshold, last_weights, d.window))
         self.reply: dict[int, _ReplyDetector] = {}
         """Per detect layer: the categories that also watch the reply, as one small set of tensors."""
         for layer in sorted(by_layer):
@@ -534,9 +544,10 @@ class RunState:
         for p, entries in groups.values():
             rows = tuple(row for row, _ in entries)
             idx = torch.tensor(rows, device=h.device)
-            masks = {"all": self.user_mask.to(h.device)[idx]}
+            base = {"all": self.user_mask.to(h.device)[idx]}
             if any(c.turns == "last" and c.layer == layer for c in p.categories):
-                masks["last"] = self.last_turn_mask.to(h.device)[idx]  # type: ignore[union-attr]
+                base["last"] = self.last_turn_mask.to(h.device)[idx]  # type: ignore[union-attr]
+            masks = {(c.turns, c.window): tail_mask(base[c.turns], c.window) for c in p.categories if c.layer == layer}
             enc = p.encoders[layer]
             key = (id(enc._sae), tuple(enc.features), rows)
             if key not in encoded:
@@ -545,7 +556,7 @@ class RunState:
             for c in p.categories:
                 if c.layer != layer:
                     continue
-                scores = c.score(acts[..., c.index], masks[c.turns])
+                scores = c.score(acts[..., c.index], masks[c.turns, c.window])
                 for (_, sink), s in zip(entries, scores.tolist(), strict=True):
                     sink[c.id] = Decision(c.id, c.label, c.response, s, c.threshold, s >= c.threshold, layer, c.message)
         self.detect_seconds += time.perf_counter() - t0

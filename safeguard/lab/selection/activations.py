@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ...errors import SelectionError
-from ..recording import compliance_replies, encode_prompt, layer_outputs  # noqa: F401  (compliance_replies: re-exported)
+from ..recording import compliance_replies, encode_prompt, layer_outputs, tail  # noqa: F401  (compliance_replies: re-exported)
 from .stats import RunningStats
 
 
@@ -85,11 +85,12 @@ class PromptStats:
 
 def collect_prompt_stats(llm: Any, groups: Mapping[str, Sequence[str]], *, detect_layer: int, steer_layer: int, batch_size: int = 16,
                          reduce: str = "mean", detect_only: Mapping[str, Sequence[str]] | None = None, max_batch_tokens: int = 4096,
-                         progress: bool = True) -> PromptStats:
+                         progress: bool = True, window: int | None = None) -> PromptStats:
     """Stream chat-formatted prompts of each group through the model and the detect-layer SAE. ``detect_only``
     groups (jailbreak-wrapped prompts, say) join the detect-layer statistics only: the residual means and the
     residual norm, the unit of steering strengths, come from ``groups``. Batches hold at most ``batch_size``
-    prompts and about ``max_batch_tokens`` tokens."""
+    prompts and about ``max_batch_tokens`` tokens. ``window``: the detect-layer features read only the last ``window``
+    user tokens (``Detect.window``); the residual statistics keep every user token."""
     from tqdm.auto import tqdm
 
     sae = llm.saes[detect_layer]
@@ -102,16 +103,18 @@ def collect_prompt_stats(llm: Any, groups: Mapping[str, Sequence[str]], *, detec
     resid = RunningStats(llm.hidden_size, names)
     items = [(g, encode_prompt(llm, t)) for g in names for t in groups[g]]
     items += [(g, encode_prompt(llm, t)) for g in detect_only for t in detect_only[g]]
+    items = [(g, (ids, (mask, tail(mask, window)))) for g, (ids, mask) in items]
     items.sort(key=lambda it: len(it[1][0]))
     norm_sum, norm_n = 0.0, 0
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc="Prompt statistics", unit="batch", disable=not progress):
         acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], sorted({detect_layer, steer_layer}), pad_id=pad)
-        user = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
+        user = _left_pad_mask([m for _, (_, (m, _)) in batch], attn.shape[1])
+        read = _left_pad_mask([w for _, (_, (_, w)) in batch], attn.shape[1])  # what detection reads
         hd, hs = acts[detect_layer], acts[steer_layer]
-        feats = _sae_encode(sae, hd[user])  # (tokens, d_sae)
+        feats = _sae_encode(sae, hd[read])  # (tokens, d_sae)
+        per_row = _pool(feats, read.nonzero()[:, 0], len(batch), reduce)
         row_of = user.nonzero()[:, 0]
-        per_row = _pool(feats, row_of, len(batch), reduce)
         plain = torch.tensor([g in groups for g, _ in batch])
         tok = hs[user & plain[:, None]]
         norm_sum += float(tok.norm(dim=-1).sum())

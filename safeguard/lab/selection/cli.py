@@ -72,6 +72,8 @@ def select_command(
     reply_margin: Annotated[float, typer.Option(help="Reply thresholds: share of the gap from the highest benign reply score to the median "
                                                      "harmful one.")] = 0.2,
     detect_reduce: Annotated[str, typer.Option(help="Detection pooling over the user's tokens: max or mean.")] = "max",
+    window: Annotated[int | None, typer.Option(min=1, help="Detection reads only the last this many user tokens (where a jailbreak "
+                                                            "template puts the request it wraps); default: every user token.")] = None,
     n_wrapped_harmful: Annotated[int, typer.Option(help="Select-part harmful prompts wrapped in train jailbreak templates (detection positives).")] = 200,
     n_wrapped_harmless: Annotated[int | None, typer.Option(help="Select-part harmless prompts wrapped in train jailbreak templates (detection "
                                                                  "negatives; default: the harmful ones' rate).")] = None,
@@ -102,6 +104,7 @@ def select_command(
                      n_steer_features=n_steer_features, strengths=sweep, strength=strength, causal_strength=causal_strength, positions=positions,
                      threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, relax_margin=relax_margin, strict_fpr=strict_fpr,
                      max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,
+                     detect_window=window,
                      reply_detection=reply_detection, n_reply_benign=n_reply_benign, reply_margin=reply_margin,
                      refusal_style=refusal_style, opener=opener, after_opener=after_opener,
                      n_wrapped_harmful=n_wrapped_harmful, n_wrapped_harmless=n_wrapped_harmless, n_val_harmful=n_val_harmful, n_val_benign=n_val_benign,

@@ -113,6 +113,9 @@ class SelectConfig:
     """Reply thresholds sit this share of the gap above the highest benign reply score."""
     detect_reduce: str = "max"
     """How detection pools feature activations over the user's tokens: ``max`` or ``mean``."""
+    detect_window: int | None = None
+    """Detection reads only the last this many user tokens (``Detect.window``: the end of a message, where a jailbreak
+    template puts the request it wraps); ``None``: every user token."""
     n_wrapped_harmful: int = 200
     """Select-part harmful prompts wrapped in the train jailbreak templates (detection positives)."""
     n_wrapped_harmless: int | None = None
@@ -133,6 +136,8 @@ class SelectConfig:
                 object.__setattr__(self, name, tuple(value))
         if self.detect_reduce not in ("max", "mean"):
             raise SelectionError(f"detect_reduce must be 'max' or 'mean', not {self.detect_reduce!r}")
+        if self.detect_window is not None and (isinstance(self.detect_window, bool) or not isinstance(self.detect_window, int) or self.detect_window < 1):
+            raise SelectionError(f"detect_window must be a positive whole number of tokens or None, not {self.detect_window!r}")
         if self.positions not in POSITIONS:
             raise SelectionError(f"positions must be one of {list(POSITIONS)}, not {self.positions!r}")
         if self.sweep_objective not in ("acceptable", "refusal"):

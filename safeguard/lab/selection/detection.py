@@ -205,11 +205,11 @@ class Detector:
 @torch.inference_mode()
 def pooled_features(llm: Any, prompts: Sequence[str], features: Sequence[int], *, layer: int, reduce: str = "mean", batch_size: int = 16,
                     max_batch_tokens: int = 4096, progress: bool = False, desc: str = "Pooling features",
-                    last: bool = False) -> Any:
+                    last: bool = False, window: int | None = None) -> Any:
     """(prompts, features): each feature's activation pooled over each prompt's user tokens. Only the named
     features are encoded (their sliced encoder), so this stays small. ``last=True``: a pair, the pooled features
     and the features at each prompt's last user token (the last position of the mask the engine reads), from
-    the same forward passes."""
+    the same forward passes. ``window``: only each mask's last ``window`` tokens are read (``Detect.window``)."""
     from tqdm.auto import tqdm
 
     from ...runtime.steering import last_positions
@@ -217,7 +217,7 @@ def pooled_features(llm: Any, prompts: Sequence[str], features: Sequence[int], *
     enc = llm.saes[layer].encoder(list(features))
     out = torch.zeros(len(prompts), len(features))
     at_last = torch.zeros(len(prompts), len(features))
-    items = sorted(((i, encode_prompt(llm, p)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
+    items = sorted(((i, encode_prompt(llm, p, window=window)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc=desc, unit="batch", disable=not progress):
         acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], [layer], pad_id=pad)
@@ -234,10 +234,10 @@ def pooled_features(llm: Any, prompts: Sequence[str], features: Sequence[int], *
 
 @torch.inference_mode()
 def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detector], *, layer: int, batch_size: int = 16,
-                     max_batch_tokens: int = 4096, progress: bool = False, desc: str = "Scoring") -> dict[str, torch.Tensor]:
+                     max_batch_tokens: int = 4096, progress: bool = False, desc: str = "Scoring", window: int | None = None) -> dict[str, torch.Tensor]:
     """Each detector's score on each prompt, computed as the steering engine computes it (``combine: sum`` with
-    weights, then the detector's ``reduce`` over the user's tokens). Keys are the detectors' ``category``
-    (distinct)."""
+    weights, then the detector's ``reduce`` over the user's tokens, the last ``window`` of them when given). Keys are the
+    detectors' ``category`` (distinct)."""
     from tqdm.auto import tqdm
 
     from ...runtime.steering import detection_score
@@ -249,7 +249,7 @@ def detection_scores(llm: Any, prompts: Sequence[str], detectors: Sequence[Detec
         union += [f for f in d.features if f not in union]
     enc = llm.saes[layer].encoder(union)
     out = {d.category: torch.zeros(len(prompts)) for d in detectors}
-    items = sorted(((i, encode_prompt(llm, p)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
+    items = sorted(((i, encode_prompt(llm, p, window=window)) for i, p in enumerate(prompts)), key=lambda it: len(it[1][0]))
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     for batch in tqdm(_token_batches(items, batch_size, max_batch_tokens), desc=desc, unit="batch", disable=not progress):
         acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], [layer], pad_id=pad)

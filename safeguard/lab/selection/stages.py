@@ -130,9 +130,15 @@ def prompt_statistics(llm: Any, config: SelectConfig, prep: Prepared, *, progres
     """Statistics of the prompts per group (detect-layer SAE features pooled over the user's tokens, steer-layer residual
     means); cached."""
     c = config
-    key = prep.at("prompts", prep.model_name, prep.sae_key, prep.groups, prep.wrapped, c.detect_layer, c.steer_layer, c.detect_reduce)
+    key = prep.at("prompts", prep.model_name, prep.sae_key, prep.groups, prep.wrapped, c.detect_layer, c.steer_layer, c.detect_reduce,
+                  *_window_key(c))
     return _cached(key, lambda: collect_prompt_stats(llm, prep.groups, detect_layer=c.detect_layer, steer_layer=c.steer_layer, reduce=c.detect_reduce,
-                                                     detect_only=prep.wrapped, progress=progress))
+                                                     detect_only=prep.wrapped, progress=progress, window=c.detect_window))
+
+
+def _window_key(c: SelectConfig) -> tuple[Any, ...]:
+    """Cache-key parts of ``detect_window`` (none when unset, so caches written before it stay valid)."""
+    return () if c.detect_window is None else (f"window={c.detect_window}",)
 
 
 def _with_wrapped(stats: PromptStats, names: Sequence[str]) -> list[str]:
@@ -217,13 +223,13 @@ def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptS
     union = sorted({f for c in cats for held in [None, *all_fams] for f in ranked[(c, held)][:kmax]})
     last: torch.Tensor | None = None
     if any(d.last for d in prep.detect_configs):  # the last user token too, from the same forward passes (a cache of its own)
-        pooled, last = _cached(prep.at("pooledlast", prep.model_name, prep.sae_key, union, all_texts, cfg.detect_layer, cfg.detect_reduce),
+        pooled, last = _cached(prep.at("pooledlast", prep.model_name, prep.sae_key, union, all_texts, cfg.detect_layer, cfg.detect_reduce, *_window_key(cfg)),
                                lambda: pooled_features(llm, all_texts, union, layer=cfg.detect_layer, reduce=cfg.detect_reduce, progress=progress,
-                                                       desc="Pooling candidates (and last tokens)", last=True))
+                                                       desc="Pooling candidates (and last tokens)", last=True, window=cfg.detect_window))
     else:
-        pooled = _cached(prep.at("pooled", prep.model_name, prep.sae_key, union, all_texts, cfg.detect_layer, cfg.detect_reduce),
+        pooled = _cached(prep.at("pooled", prep.model_name, prep.sae_key, union, all_texts, cfg.detect_layer, cfg.detect_reduce, *_window_key(cfg)),
                          lambda: pooled_features(llm, all_texts, union, layer=cfg.detect_layer, reduce=cfg.detect_reduce, progress=progress,
-                                                 desc="Pooling candidates"))
+                                                 desc="Pooling candidates", window=cfg.detect_window))
     index = {t: i for i, t in enumerate(all_texts)}
     neg_idx = torch.tensor([index[t] for t in neg_texts])
 
