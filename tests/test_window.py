@@ -77,7 +77,7 @@ def test_a_window_applies_within_the_last_turn_of_a_conversation(llm):
     engine = _scores(llm, [list(chat.messages)], _policy(det, k, turns="last"))
     lab = detection_scores(llm, [chat], [det], layer=1, window=k)["cyber"]
     torch.testing.assert_close(engine, lab, rtol=1e-4, atol=1e-5)
-    ids, last = encode_prompt(llm, chat, window=k)
+    _, last = encode_prompt(llm, chat, window=k)
     assert sum(last) == k and last[: len(last) // 2].count(True) == 0  # the window sits at the end of the last user turn
 
 
@@ -97,7 +97,7 @@ def test_window_is_checked_and_left_out_of_dumps_when_unset():
 
 def test_prompt_statistics_pool_the_window_and_keep_every_token_for_the_residual(llm):
     data = _tiny_data()
-    groups = {"benign": [p.text for p in data.harmless_select][:3] + [LONG]}
+    groups = {"benign": [*(p.text for p in data.harmless_select[:3]), LONG]}
     whole = collect_prompt_stats(llm, groups, detect_layer=1, steer_layer=2, reduce="max", progress=False)
     win = collect_prompt_stats(llm, groups, detect_layer=1, steer_layer=2, reduce="max", progress=False, window=4)
     assert torch.equal(whole.resid.summary("benign").mean, win.resid.summary("benign").mean)  # residual means: every user token

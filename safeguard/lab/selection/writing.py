@@ -179,6 +179,7 @@ def _provenance(llm: Any, c: SelectConfig, prep: Prepared, det: Detectors, level
 
     det_sae, st_sae = llm.saes[c.detect_layer], llm.saes[c.steer_layer]
     gen, config, cats, wrapped = det.generalization, det.chosen, prep.cats, prep.wrapped
+    read = "the" if c.detect_window is None else f"the last {c.detect_window}"
     causal = refusal.causal
     provenance = {
         "made_by": f"safeguard {safeguard.__version__} select",
@@ -233,7 +234,7 @@ def _provenance(llm: Any, c: SelectConfig, prep: Prepared, det: Detectors, level
         "generalization": ({"chosen": gen.chosen, "worst_family_recall_any": gen.worst(gen.chosen), "families": gen.families,
                             "file": "generalization.json"} if gen is not None
                            else {"chosen": config.name, "note": "one source family: no leave-one-source-out validation"}),
-        "detection_rule": (f"per category: top {config.n_candidates} features by composite score ({c.detect_reduce} over {'the last ' + str(c.detect_window) + ' ' if c.detect_window else ''}user tokens, category "
+        "detection_rule": (f"per category: top {config.n_candidates} features by composite score ({c.detect_reduce} over {read} user tokens, category "
                            f"vs harmless select-part prompts, jailbreak-wrapped ones included), a class-balanced logistic probe (L2 {config.l2:g}) "
                            f"on them, the {config.n_features} strongest kept and refitted as the mean of 5 fold probes (order: reduce_first, so "
                            "the engine's score is the probe's); the configuration chosen by leave-one-source-out validation (worst held-out "
