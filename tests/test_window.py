@@ -127,3 +127,11 @@ def test_a_pack_window_reaches_the_engine(llm, tmp_path):
     det = Detector("cyber", [3, 5], [0.5, 1.0], "max", "reduce_first")
     assert d.score == pytest.approx(float(detection_scores(llm, [LONG], [det], layer=1, window=4)["cyber"][0]), rel=1e-4, abs=1e-5)
     assert d.score != pytest.approx(float(detection_scores(llm, [LONG], [det], layer=1)["cyber"][0]), rel=1e-4, abs=1e-5)
+
+
+def test_a_fixed_detector_configuration_may_name_its_l2_penalty():
+    from safeguard.lab.selection import DetectConfig
+
+    assert SelectConfig(n_detect_candidates=64, n_detect_features=48, detect_l2=1.0).detector_configs == [DetectConfig(64, 48, 1.0)]
+    assert SelectConfig(n_detect_candidates=32, n_detect_features=12).detector_configs == [DetectConfig(32, 12, 1e-2)]  # as before
+    assert len(SelectConfig().detector_configs) > 1  # nothing fixed: leave-one-source-out chooses

@@ -50,6 +50,8 @@ def select_command(
                                                                 "validation among select.DETECT_CONFIGS).")] = None,
     n_detect_candidates: Annotated[int | None, typer.Option(help="Fix the candidate features per category the probe starts from (default: "
                                                                   "chosen with the above).")] = None,
+    detect_l2: Annotated[float | None, typer.Option(min=0.0, help="Fix the probes' L2 penalty (with --n-detect-*: one configuration; "
+                                                                  "default 0.01).")] = None,
     n_steer_features: Annotated[int, typer.Option(help="Distinct refusal features to steer with.")] = 3,
     strengths: Annotated[str, typer.Option(help="Strengths to sweep, x typical residual norm (comma-separated).")] = "0.5,0.75,1.0,1.25,1.5",
     strength: Annotated[float | None, typer.Option(help="Use this strength and sweep nothing else.")] = None,
@@ -101,6 +103,7 @@ def select_command(
         llm = SteeredLLM.from_pretrained(model, sae=(list(sae) if sae else None), policy=None, quantization=quantization, device=device)
         res = select(llm, out=out, categories=category or None, pack_id=pack_id, description=description, detect_layer=detect_layer,
                      steer_layer=steer_layer, n_detect_features=n_detect_features, n_detect_candidates=n_detect_candidates,
+                     detect_l2=detect_l2,
                      n_steer_features=n_steer_features, strengths=sweep, strength=strength, causal_strength=causal_strength, positions=positions,
                      threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, relax_margin=relax_margin, strict_fpr=strict_fpr,
                      max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,

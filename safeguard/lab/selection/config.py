@@ -47,6 +47,8 @@ class SelectConfig:
     """Fix the features kept per detector (with ``n_detect_candidates``: one configuration, no leave-one-source-out choice)."""
     n_detect_candidates: int | None = None
     """Fix the candidate features per detector (see ``n_detect_features``)."""
+    detect_l2: float | None = None
+    """Fix the probes' L2 penalty (see ``n_detect_features``; default with them: 0.01)."""
     detect_configs: Sequence[DetectConfig] = DETECT_CONFIGS
     """The detector configurations leave-one-source-out validation chooses among."""
     loso_fpr: float = 0.02
@@ -169,8 +171,8 @@ class SelectConfig:
     @property
     def detector_configs(self) -> list[DetectConfig]:
         """The configurations to choose among: ``detect_configs``, or the one that ``n_detect_*`` fix."""
-        if self.n_detect_candidates is not None or self.n_detect_features is not None:  # a fixed configuration: no choice to make
-            return [DetectConfig(self.n_detect_candidates or 16, self.n_detect_features or 12, 1e-2)]
+        if self.n_detect_candidates is not None or self.n_detect_features is not None or self.detect_l2 is not None:  # fixed: no choice
+            return [DetectConfig(self.n_detect_candidates or 16, self.n_detect_features or 12, 1e-2 if self.detect_l2 is None else self.detect_l2)]
         return list(self.detect_configs)
 
     @classmethod
