@@ -96,7 +96,7 @@ def main() -> int:
     with torch.inference_mode():
         for i, (kind, p) in enumerate(tqdm(work, desc="Prompts, alone and wrapped", unit="prompt")):
             t = train_t[i % len(train_t)]
-            rows.append({"kind": kind, "category": p.category, "template": t.name, "text": p.text,
+            rows.append({"kind": kind, "category": p.category, "source": p.source, "template": t.name,
                          "plain": readings(p.text, None), "wrapped": readings(t.apply(p.text), p.text)})
     keys = ["all", "payload", *(f"last {k}" for k in WINDOWS)]
 

@@ -13,12 +13,17 @@
 # the opener, the sweep cannot tell strengths apart (prompt-fired rows never reach the steering), so the strength the
 # last sweep chose with steered continuations, 0.375, is fixed; it steers rows that fire only in the reply.
 # A fresh select from cold rewrote the previous pack byte for byte (2026-12-02, 48 min beside other jobs).
+# Detection reads the last 64 tokens of the last user turn (--window 64; docs/eval/windows.md, chosen on validation
+# prompts in the train templates). With the window, leave-one-source-out prefers top32->12 at L2 0.01, whose
+# validation sweep refuses +9 points of benign prompts (over the 4-point budget); the configuration shipped before,
+# top64->48 at L2 1, is fixed instead (+3). Rerun with warm caches, this rewrote the pack byte for byte (2026-12-03).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SG=${SG:-.venv/bin/safeguard}
 
 $SG select --out safeguard/bundled/smollm2-135m-instruct/pack.yaml --refusal-style dense --positions generated \
-  --opener "I'm sorry, but I don't have the ability to help with that." --after-opener end --strength 0.375 --max-val-fpr 0.04 --min-margin -1.0
+  --opener "I'm sorry, but I don't have the ability to help with that." --after-opener end --strength 0.375 --max-val-fpr 0.04 --min-margin -1.0 \
+  --window 64 --n-detect-candidates 64 --n-detect-features 48 --detect-l2 1
 
 for name in default eu us; do
   $SG eval "$name" --out "docs/eval/$name"
