@@ -176,3 +176,15 @@ def test_on_the_embedded_pack_the_window_stops_held_out_templates_firing_on_beni
     assert run(whole, wrapped_benign)[0] >= 10  # every token read: the templates fire on benign requests
     assert run(llm, wrapped_benign)[0] <= 6  # the last 64 tokens: at most half of them
     assert run(llm, wrapped_harmful)[0] >= 8  # while most harmful requests inside the same templates still fire
+
+
+def test_select_names_what_a_strength_outside_the_sweeps_budget_does_to_benign_prompts():
+    from safeguard.lab.selection.sweep import SweepPoint, over_budget, pick_strength
+
+    fine = SweepPoint(0.25, 0.5, 0.05, 0.97, 0.0, 0.6, 0.03)
+    loud = SweepPoint(0.375, 0.6, 0.12, 0.91, 0.0, 0.6, 0.1)
+    assert over_budget(fine, 0.03, max_benign_increase=0.04) == []
+    assert over_budget(loud, 0.03, max_benign_increase=0.04) == ["benign refusal rose 9.0 points (budget 4)",
+                                                               "91% of benign replies identical (at least 95% asked)"]
+    assert pick_strength([fine, loud], 0.03, max_benign_increase=0.04) is fine  # the sweep keeps to the budget
+    assert pick_strength([loud], 0.03, max_benign_increase=0.04) is loud  # a fixed strength is taken as given: select warns

@@ -14,6 +14,7 @@ import typer
 from ... import _options as opt
 from ...errors import SelectionError
 from .method import select
+from .sweep import over_budget
 from .tables import render_table
 
 
@@ -116,6 +117,11 @@ def select_command(
     typer.echo(f"pack: {res.files['pack']} ({res.pack!r}); vectors {res.files['vectors'].name}, provenance {res.files['provenance'].name}")
     typer.echo(f"chosen strength {c.strength:g}: validation harmful refused {c.harmful_refusal:.0%} (unsteered {res.baseline['harmful_refusal']:.0%}), "
                f"benign refused {c.benign_refusal:.0%} (unsteered {res.baseline['benign_refusal']:.0%}), benign identical {c.benign_identical:.0%}")
+    harms = over_budget(c, res.baseline["benign_refusal"], max_benign_increase=max_benign_increase)
+    if harms:
+        typer.echo(f"warning: at strength {c.strength:g} on the validation part, " + "; ".join(harms)
+                   + (" (a fixed --strength is not chosen by the sweep)" if strength is not None else " (no swept strength kept within the budget)"),
+                   err=True)
     typer.echo(render_levels(res.pack))
     typer.echo(f"tables: {res.files['csv']}, sweep plot: {res.files['sweep_png']}")
 
