@@ -95,14 +95,12 @@ def encode_prompt(llm: Any, prompt: Any, *, window: int | None = None) -> tuple[
 
 
 def tail(mask: list[bool], window: int | None) -> list[bool]:
-    """``mask`` with only its last ``window`` True positions kept (``None``: unchanged), as ``steering.tail_mask``."""
+    """``mask`` with only its last ``window`` True positions kept (``None``: unchanged): ``steering.tail_mask`` on a list."""
     if window is None:
         return mask
-    out, left = [False] * len(mask), window
-    for i in range(len(mask) - 1, -1, -1):
-        if mask[i] and left > 0:
-            out[i], left = True, left - 1
-    return out
+    from ..runtime.steering import tail_mask
+
+    return tail_mask(torch.tensor(mask, dtype=torch.bool), window).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -547,7 +547,7 @@ class RunState:
             base = {"all": self.user_mask.to(h.device)[idx]}
             if any(c.turns == "last" and c.layer == layer for c in p.categories):
                 base["last"] = self.last_turn_mask.to(h.device)[idx]  # type: ignore[union-attr]
-            masks = {(c.turns, c.window): tail_mask(base[c.turns], c.window) for c in p.categories if c.layer == layer}
+            masks = {(t, w): tail_mask(base[t], w) for t, w in {(c.turns, c.window) for c in p.categories if c.layer == layer}}
             enc = p.encoders[layer]
             key = (id(enc._sae), tuple(enc.features), rows)
             if key not in encoded:
