@@ -180,6 +180,8 @@ def _provenance(llm: Any, c: SelectConfig, prep: Prepared, det: Detectors, level
     det_sae, st_sae = llm.saes[c.detect_layer], llm.saes[c.steer_layer]
     gen, config, cats, wrapped = det.generalization, det.chosen, prep.cats, prep.wrapped
     read = "the" if c.detect_window is None else f"the last {c.detect_window}"
+    chose = ("the configuration chosen by leave-one-source-out validation (worst held-out family)" if len(c.detector_configs) > 1
+             else "the one configuration fixed by --n-detect-candidates / --n-detect-features / --detect-l2 (leave-one-source-out only measured)")
     causal = refusal.causal
     provenance = {
         "made_by": f"safeguard {safeguard.__version__} select",
@@ -237,8 +239,8 @@ def _provenance(llm: Any, c: SelectConfig, prep: Prepared, det: Detectors, level
         "detection_rule": (f"per category: top {config.n_candidates} features by composite score ({c.detect_reduce} over {read} user tokens, category "
                            f"vs harmless select-part prompts, jailbreak-wrapped ones included), a class-balanced logistic probe (L2 {config.l2:g}) "
                            f"on them, the {config.n_features} strongest kept and refitted as the mean of 5 fold probes (order: reduce_first, so "
-                           "the engine's score is the probe's); the configuration chosen by leave-one-source-out validation (worst held-out "
-                           "family); standard threshold on out-of-fold scores = highest harmless score + a margin (share of the gap to the "
+                           f"the engine's score is the probe's); {chose}; standard threshold on out-of-fold scores = highest harmless score "
+                           "+ a margin (share of the gap to the "
                            f"median category score); margins per category from 1.5 down to {c.min_margin}, greedily, while at most "
                            f"{c.max_val_fpr:.0%} of the validation harmless prompts fire any category, maximising the worst source family's "
                            "validation recall (detection only, no generation)"),
