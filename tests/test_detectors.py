@@ -13,6 +13,7 @@ from test_selection import _tiny_data
 from safeguard import Policy, PolicyError, SteeredLLM
 from safeguard.lab.selection import Chat, DetectConfig, Detector, SelectConfig, detection_scores, leave_one_source_out, pooled_features
 from safeguard.lab.selection.detection import fit_l1_probe, fit_probe, keep_columns
+from safeguard.lab.selection.generalize import auc
 from safeguard.lab.selection.stages import _detector, fit_detectors, prepare, prompt_statistics
 from safeguard.runtime.pack import Pack
 from safeguard.runtime.steering import detection_score, last_positions
@@ -207,3 +208,23 @@ def test_the_engine_refuses_to_watch_the_reply_of_a_last_token_detector():
                     reply_threshold=1.0, last_weights=torch.tensor([0.5, 0.5]))
     with pytest.raises(PolicyError, match=r"\['cyber'\] read the last user token"):
         _ReplyDetector([(cat, None)], None, torch.device("cpu"))
+
+
+def test_negative_weights_make_a_probe_push_hard_negatives_down():
+    pos, neg = _planted()
+    neg[:20, 0] += 0.6  # hard negatives: they carry the positives' strongest column
+    w0, b0 = fit_probe(pos, neg, l2=1e-2)
+    same, b_same = fit_probe(pos, neg, l2=1e-2, neg_weight=torch.full((len(neg),), 3.0))  # equal weights, any scale: the default probe
+    assert torch.allclose(w0, same, atol=1e-5) and b0 == pytest.approx(b_same, abs=1e-5)
+    hard = torch.ones(len(neg))
+    hard[:20] = 10.0
+    wh, _ = fit_probe(pos, neg, l2=1e-2, neg_weight=hard)
+
+    # the positives now rank above the hard negatives more often (scale-free: AUC of positives vs hard negatives)
+    assert auc(pos @ wh, neg[:20] @ wh) > auc(pos @ w0, neg[:20] @ w0) + 0.01
+    assert float(wh[3]) / float(wh[0]) > float(w0[3]) / float(w0[0])  # by leaning on the column they do not share
+    wl, _ = fit_l1_probe(pos, neg, l1=0.02, neg_weight=hard)
+    assert float(wl[3]) / float(wl[0]) > 0
+    for bad in (torch.ones(3), -torch.ones(len(neg)), torch.zeros(len(neg))):
+        with pytest.raises(ValueError, match="neg_weight"):
+            fit_probe(pos, neg, neg_weight=bad)

@@ -118,6 +118,13 @@ class SelectConfig:
     detect_window: int | None = None
     """Detection reads only the last this many user tokens (``Detect.window``: the end of a message, where a jailbreak
     template puts the request it wraps); ``None``: every user token."""
+    shared_harm: float = 0.0
+    """> 0: every category's detector adds a shared any-harm probe (every category's positives against the harmless
+    prompts), scaled to this share of the category score's spread on the harmless prompts (``stages.shared_probe``); 0: none."""
+    shared_features: int = 256
+    """Features the shared any-harm probe keeps (of every category's candidates)."""
+    shared_l2: float = 0.1
+    """The shared probe's L2 penalty (on standardised inputs)."""
     n_wrapped_harmful: int = 200
     """Select-part harmful prompts wrapped in the train jailbreak templates (detection positives)."""
     n_wrapped_harmless: int | None = None
@@ -140,6 +147,13 @@ class SelectConfig:
             raise SelectionError(f"detect_reduce must be 'max' or 'mean', not {self.detect_reduce!r}")
         if self.detect_window is not None and (isinstance(self.detect_window, bool) or not isinstance(self.detect_window, int) or self.detect_window < 1):
             raise SelectionError(f"detect_window must be a positive whole number of tokens or None, not {self.detect_window!r}")
+        if not self.shared_harm >= 0 or not self.shared_l2 >= 0 or isinstance(self.shared_features, bool) or not isinstance(self.shared_features, int) \
+                or self.shared_features < 1:
+            raise SelectionError(f"shared_harm and shared_l2 must be >= 0 and shared_features a positive whole number, got {self.shared_harm!r}, "
+                                 f"{self.shared_l2!r} and {self.shared_features!r}")
+        if self.shared_harm > 0 and any(d.last for d in self.detector_configs):
+            raise SelectionError("shared_harm: a shared any-harm probe reads pooled features only; it cannot join detector configurations that "
+                                 "read the last user token (pool 'max+last')")
         if self.positions not in POSITIONS:
             raise SelectionError(f"positions must be one of {list(POSITIONS)}, not {self.positions!r}")
         if self.sweep_objective not in ("acceptable", "refusal"):

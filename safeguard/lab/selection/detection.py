@@ -80,12 +80,28 @@ def greedy_margins(harmful: Mapping[str, torch.Tensor], benign: Mapping[str, tor
 
 
 
-def fit_probe(positive: torch.Tensor, negative: torch.Tensor, *, l2: float = 1e-2, steps: int = 200) -> tuple[torch.Tensor, float]:
-    """A logistic probe separating ``positive`` rows (n, k) from ``negative`` rows, classes weighted equally,
-    on standardised inputs with an L2 penalty. Returns weights in the inputs' own units and the bias."""
+def _row_weights(n_pos: int, n_neg: int, neg_weight: torch.Tensor | None) -> torch.Tensor:
+    """Loss weights of the rows (positives, then negatives): each class sums to 0.5; within the negatives, in
+    proportion to ``neg_weight`` (None: equal), so hard negatives can count more without outweighing the positives."""
+    pos = torch.full((n_pos,), 0.5 / max(n_pos, 1), dtype=torch.float64)
+    if neg_weight is None:
+        neg = torch.full((n_neg,), 0.5 / max(n_neg, 1), dtype=torch.float64)
+    else:
+        nw = torch.as_tensor(neg_weight, dtype=torch.float64).flatten()
+        if nw.numel() != n_neg or bool((nw < 0).any()) or float(nw.sum()) <= 0:
+            raise SelectionError(f"neg_weight: need {n_neg} non-negative weights with a positive sum, got {nw.numel()}")
+        neg = 0.5 * nw / nw.sum()
+    return torch.cat([pos, neg])
+
+
+def fit_probe(positive: torch.Tensor, negative: torch.Tensor, *, l2: float = 1e-2, steps: int = 200,
+              neg_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """A logistic probe separating ``positive`` rows (n, k) from ``negative`` rows, classes weighted equally
+    (within the negatives: in proportion to ``neg_weight``, default equal), on standardised inputs with an L2
+    penalty. Returns weights in the inputs' own units and the bias."""
     x = torch.cat([positive, negative]).double()
     y = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))]).double()
-    wt = torch.where(y > 0, 0.5 / max(len(positive), 1), 0.5 / max(len(negative), 1)).double()
+    wt = _row_weights(len(positive), len(negative), neg_weight)
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
     z = (x - mu) / sd
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -105,13 +121,14 @@ def fit_probe(positive: torch.Tensor, negative: torch.Tensor, *, l2: float = 1e-
 
 
 
-def fit_l1_probe(positive: torch.Tensor, negative: torch.Tensor, *, l1: float, steps: int = 2000, tol: float = 1e-9) -> tuple[torch.Tensor, float]:
+def fit_l1_probe(positive: torch.Tensor, negative: torch.Tensor, *, l1: float, steps: int = 2000, tol: float = 1e-9,
+                 neg_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """A sparse logistic probe: the loss of ``fit_probe`` (classes weighted equally, standardised inputs) with an L1
     penalty ``l1 * |w|_1`` instead of L2, minimised by accelerated proximal gradient (FISTA); columns it does not
     need get a weight of exactly 0. Returns weights in the inputs' own units and the bias."""
     x = torch.cat([positive, negative]).double()
     y = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))]).double()
-    wt = torch.where(y > 0, 0.5 / max(len(positive), 1), 0.5 / max(len(negative), 1)).double()
+    wt = _row_weights(len(positive), len(negative), neg_weight)
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
     z = (x - mu) / sd
     # step 1/L, L bounding the Lipschitz constant of the smooth part's gradient in (w, b): 0.25 * ||sqrt(wt) [z 1]||_2^2
@@ -135,10 +152,12 @@ def fit_l1_probe(positive: torch.Tensor, negative: torch.Tensor, *, l1: float, s
     return (w / sd).float(), float(b - (mu / sd) @ w)
 
 
-def keep_columns(positive: torch.Tensor, negative: torch.Tensor, *, n_features: int, l2: float = 1e-2, l1: float = 0.0) -> torch.Tensor:
+def keep_columns(positive: torch.Tensor, negative: torch.Tensor, *, n_features: int, l2: float = 1e-2, l1: float = 0.0,
+                 neg_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The columns a detector keeps: a probe on every column (L2 ``l2``, or sparse with ``l1`` > 0), then at most
     ``n_features`` of those with the largest standardised weights (an L1 probe's zero weights are never kept)."""
-    w, _ = fit_l1_probe(positive, negative, l1=l1) if l1 > 0 else fit_probe(positive, negative, l2=l2)
+    w, _ = (fit_l1_probe(positive, negative, l1=l1, neg_weight=neg_weight) if l1 > 0
+            else fit_probe(positive, negative, l2=l2, neg_weight=neg_weight))
     spread = torch.cat([positive, negative]).std(0)
     keep = torch.argsort((w * spread).abs(), descending=True)[:n_features]
     return keep[(w[keep] * spread[keep]).abs() > 1e-8]
@@ -159,12 +178,13 @@ class DetectorFit:
 
 
 def fit_detector(positive: torch.Tensor, negative: torch.Tensor, *, n_features: int, l2: float = 1e-2, folds: int = 5,
-                 seed: int = 0, l1: float = 0.0) -> DetectorFit:
+                 seed: int = 0, l1: float = 0.0, neg_weight: torch.Tensor | None = None) -> DetectorFit:
     """A category detector from pooled candidate features: a probe on all candidates (sparse with ``l1`` > 0), at most
     ``n_features`` with the largest standardised weights kept (``keep_columns``), then ``folds`` L2 probes fitted on
     all but one fold each. The detector is the fold probes' mean; the out-of-fold scores say how prompts a probe
-    has not seen score, which is what a threshold must be set on."""
-    keep = keep_columns(positive, negative, n_features=n_features, l2=l2, l1=l1)
+    has not seen score, which is what a threshold must be set on. ``neg_weight``: the negatives' relative loss
+    weights (``fit_probe``), e.g. more for benign prompts that look risky."""
+    keep = keep_columns(positive, negative, n_features=n_features, l2=l2, l1=l1, neg_weight=neg_weight)
     xp, xn = positive[:, keep], negative[:, keep]
     g = torch.Generator().manual_seed(seed)
     fp = torch.randperm(len(xp), generator=g) % folds
@@ -172,7 +192,7 @@ def fit_detector(positive: torch.Tensor, negative: torch.Tensor, *, n_features: 
     sp, sn = torch.zeros(len(xp)), torch.zeros(len(xn))
     weights = []
     for k in range(folds):
-        wk, _ = fit_probe(xp[fp != k], xn[fn != k], l2=l2)
+        wk, _ = fit_probe(xp[fp != k], xn[fn != k], l2=l2, neg_weight=None if neg_weight is None else torch.as_tensor(neg_weight)[fn != k])
         sp[fp == k] = xp[fp == k] @ wk
         sn[fn == k] = xn[fn == k] @ wk
         weights.append(wk)

@@ -8,6 +8,7 @@ that came before, so existing caches still hit).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,8 @@ class Detectors:
     """The feature table's detect rows."""
     last: torch.Tensor | None = None
     """The candidates at each prompt's last user token, rows and columns as ``pooled`` (only when a configuration reads it)."""
+    shared: SharedProbe | None = None
+    """The shared any-harm probe every detector adds (``SelectConfig.shared_harm`` > 0), else None."""
 
     def candidates(self, c: str, without: str | None, k: int) -> list[int]:
         """Category c's top ``k`` detect features by composite score (c vs harmless), ranked without a family."""
@@ -188,6 +191,51 @@ class Detectors:
     def rows_of(self, texts: Sequence[str]) -> torch.Tensor:
         index = self.index
         return torch.tensor([index[t] for t in texts], dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class SharedProbe:
+    """A probe of any harm: every category's select-part positives (jailbreak-wrapped included) against the harmless
+    prompts, on the union of the categories' candidates. It has about ten times the positives of one category, so its
+    direction is better estimated; each category's detector adds it, scaled (``shared_harm``), to its own probe. Both
+    are weighted sums of the same pooled features, so the sum is one detector of the pack's form, exactly as scored."""
+
+    features: list[int]
+    """SAE feature ids, with ``weights``."""
+    weights: torch.Tensor
+    scores: torch.Tensor
+    """Its score on every row of ``Detectors.pooled``."""
+    oof_pos: dict[str, float]
+    """Out-of-fold score of each positive text."""
+    oof_neg: torch.Tensor
+    """Out-of-fold scores of the negatives, in ``Detectors.neg_texts`` order."""
+    n_positives: int
+
+
+def shared_probe(pooled: torch.Tensor, union: Sequence[int], columns: Sequence[int], pos_rows: Mapping[str, int], neg_idx: torch.Tensor, *,
+                 n_features: int, l2: float, seed: int = 0) -> SharedProbe:
+    """Fit the shared any-harm probe (``SharedProbe``) on pooled ``columns`` (into ``union``): ``pos_rows`` maps each
+    positive text to its row, ``neg_idx`` are the negatives' rows."""
+    cols = torch.tensor(sorted(set(columns)), dtype=torch.long)
+    texts = list(pos_rows)
+    pos_idx = torch.tensor([pos_rows[t] for t in texts], dtype=torch.long)
+    fit = fit_detector(pooled[pos_idx][:, cols], pooled[neg_idx][:, cols], n_features=min(n_features, len(cols)), l2=l2, seed=seed)
+    kept = cols[torch.tensor(fit.keep, dtype=torch.long)]
+    weights = torch.tensor([round(float(w), 6) for w in fit.weights])
+    return SharedProbe([int(union[j]) for j in kept], weights, pooled[:, kept] @ weights, dict(zip(texts, fit.oof_pos.tolist(), strict=True)),
+                       fit.oof_neg, len(texts))
+
+
+def _add_shared(det: Detector, fit: DetectorFit, shared: SharedProbe, k: float, pos_texts: Sequence[str]) -> tuple[Detector, DetectorFit]:
+    """Category detector ``det`` plus ``k`` x the shared probe, as one detector (weights summed per feature, rounded as
+    written), and its out-of-fold scores plus ``k`` x the shared probe's (what thresholds are placed on)."""
+    w = dict(zip(det.features, det.weights, strict=True))
+    for f, x in zip(shared.features, shared.weights.tolist(), strict=True):
+        w[f] = w.get(f, 0.0) + k * x
+    feats = [f for f in w if round(w[f], 6) != 0.0]
+    merged = dataclasses.replace(det, features=feats, weights=[round(w[f], 6) for f in feats])
+    oof_pos = fit.oof_pos + k * torch.tensor([shared.oof_pos[t] for t in pos_texts])
+    return merged, dataclasses.replace(fit, oof_pos=oof_pos, oof_neg=fit.oof_neg + k * shared.oof_neg)
 
 
 def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptStats, *, progress: bool = True) -> Detectors:
@@ -259,6 +307,11 @@ def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptS
     rows: list[FeatureRow] = []
     width = len(union)
     design = pooled if last is None or not chosen.last else torch.cat([pooled, last], 1)  # DetectConfig.columns' layout
+    shared: SharedProbe | None = None
+    if cfg.shared_harm > 0:
+        shared = shared_probe(pooled, union, [union.index(f) for c in cats for f in candidates(c, None, chosen.n_candidates)],
+                              {t: index[t] for c in cats for t in pos_texts[c]}, neg_idx, n_features=cfg.shared_features, l2=cfg.shared_l2,
+                              seed=cfg.seed)
     for c in cats:
         cand = candidates(c, None, chosen.n_candidates)
         cols = torch.tensor(chosen.columns([union.index(f) for f in cand], width))
@@ -266,6 +319,10 @@ def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptS
         fit = fit_detector(design[pos_idx][:, cols], design[neg_idx][:, cols], n_features=chosen.n_features, l2=chosen.l2, seed=cfg.seed,
                            l1=chosen.l1)
         det = _detector(c, [int(cols[i]) for i in fit.keep], fit.weights, union, cfg.detect_reduce, chosen.last)
+        if shared is not None:  # k in the category score's own units: shared_harm x its spread on the harmless prompts / the shared one's
+            own = pooled[neg_idx][:, torch.tensor([union.index(f) for f in det.features])] @ torch.tensor(det.weights)
+            k = cfg.shared_harm * float(own.std()) / max(float(shared.scores[neg_idx].std()), 1e-12)
+            det, fit = _add_shared(det, fit, shared, k, pos_texts[c])
         detectors.append(det)
         fits[c] = fit
         fidx = torch.tensor([union.index(f) for f in det.features])
@@ -276,7 +333,8 @@ def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptS
         sc, target, order = table[c]
         rows += _rows("detect", c, cfg.detect_layer, sc, target, harmless, order, det.features,
                       {f: {"weight": wt} for f, wt in zip(det.features, det.weights, strict=True)})
-    return Detectors(harmless, ranked, union, all_texts, pooled, pos_texts, neg_texts, generalization, chosen, detectors, fits, scores, rows, last)
+    return Detectors(harmless, ranked, union, all_texts, pooled, pos_texts, neg_texts, generalization, chosen, detectors, fits, scores, rows, last,
+                     shared)
 
 
 def _detector(category: str, columns: Sequence[int], weights: torch.Tensor, union: Sequence[int], reduce: str, last: bool) -> Detector:

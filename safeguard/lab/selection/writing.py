@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ...errors import SelectionError
 from .calibration import LEVEL_TARGETS, level_descriptions
 from .config import SelectConfig
 from .data import HARMLESS_GROUPS, WRAPPED
@@ -94,6 +95,24 @@ def detect_block(config: SelectConfig, d: Detector) -> dict[str, Any]:
     return out
 
 
+def stable_header(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted, so that the same tensors and metadata always
+    give the same bytes (safetensors writes metadata in hash-map order, which changes from run to run). The header's
+    length, padding and the data after it stay as they are."""
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:
+        raise SelectionError(f"{path}: the rewritten safetensors header is longer than the original ({len(text)} > {n} bytes)")
+    raw[8:8 + n] = text + b" " * (n - len(text))
+    path.write_bytes(bytes(raw))
+
+
 def write_pack(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, levels: Levels, refusal: Refusal, reply: ReplyCalibration | None,
                vectors: dict[str, torch.Tensor], swept: Sweep, *, out: str | Path, command: str = "") -> Selection:
     """Write the tables and plots (``tables``, default ``selection/`` beside the pack), then the pack (``out``), its vectors
@@ -140,6 +159,7 @@ def write_pack(llm: Any, config: SelectConfig, prep: Prepared, det: Detectors, l
     what = (f"SafeSteer-style redirect vectors (mean harmless minus mean category residual at layer {c.steer_layer}, user tokens)"
             + (f"; {DENSE_KEY}: the dense refusal direction at layer {c.steer_layer}, unit norm" if c.refusal_style == "dense" else ""))
     save_file(dict(sorted(vectors.items())), str(vec_file), metadata={"what": what, "model": llm.model_name})
+    stable_header(vec_file)
     prov_file.write_text(json.dumps(provenance, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     out.write_text(_pack_yaml(pack_dict), encoding="utf-8")
     pack = Pack.load(out)
@@ -244,6 +264,14 @@ def _provenance(llm: Any, c: SelectConfig, prep: Prepared, det: Detectors, level
                            f"median category score); margins per category from 1.5 down to {c.min_margin}, greedily, while at most "
                            f"{c.max_val_fpr:.0%} of the validation harmless prompts fire any category, maximising the worst source family's "
                            "validation recall (detection only, no generation)"),
+        "shared_harm": ({"share": c.shared_harm, "features": len(det.shared.features), "l2": c.shared_l2, "positives": det.shared.n_positives,
+                         "negatives": len(det.neg_texts),
+                         "rule": "a class-balanced logistic probe of every category's select-part positives (jailbreak-wrapped included) against "
+                                 f"the harmless ones, on the union of the categories' candidates, the {c.shared_features} strongest features kept "
+                                 "and refitted as the mean of 5 fold probes; each category's detector adds it times share x (spread of the "
+                                 "category score / spread of the shared score on the harmless select-part prompts), weights summed per feature; "
+                                 "thresholds are placed on the summed out-of-fold scores"}
+                        if det.shared is not None else None),
         "jailbreak_augmentation": ({"templates": prep.templates_used,
                                     "harmful": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)].split("|")[0] in cats),
                                     "harmless": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in HARMLESS_GROUPS),
