@@ -74,6 +74,14 @@ def test_each_detector_is_its_own_probe_plus_the_shared_one_and_the_engine_score
     plain = fit_detectors(llm, plain_cfg, prepare(llm, plain_cfg, data, TEMPLATES), stats, progress=False)
     det = fit_detectors(llm, cfg, prep, stats, progress=False)
     assert plain.shared is None and det.shared is not None and 1 <= len(det.shared.features) <= 3
+    # fitted on the plain positives only; the jailbreak-wrapped ones are scored by it as they are (it never saw them)
+    in_template = {t for ts in prep.wrapped.values() for t in ts}
+    every = {t for c in prep.cats for t in det.pos_texts[c]}
+    assert in_template & every and det.shared.n_positives == len(every - in_template) and set(det.shared.oof_pos) == every
+    for t in in_template & every:
+        assert det.shared.oof_pos[t] == pytest.approx(float(det.shared.scores[det.index[t]]), abs=1e-6)
+    with_wrapped = fit_detectors(llm, SelectConfig.of(cfg, {"shared_wrapped": True}), prep, stats, progress=False)
+    assert with_wrapped.shared is not None and with_wrapped.shared.n_positives == len(every)
     neg = det.rows_of(det.neg_texts)
     for d0, d in zip(plain.detectors, det.detectors, strict=True):
         c = d.category

@@ -125,6 +125,8 @@ class SelectConfig:
     """Features the shared any-harm probe keeps (of every category's candidates)."""
     shared_l2: float = 0.1
     """The shared probe's L2 penalty (on standardised inputs)."""
+    shared_wrapped: bool = False
+    """Fit the shared probe on the jailbreak-wrapped positives too (default: plain ones only; wrapped ones are scored)."""
     n_wrapped_harmful: int = 200
     """Select-part harmful prompts wrapped in the train jailbreak templates (detection positives)."""
     n_wrapped_harmless: int | None = None

@@ -213,17 +213,20 @@ class SharedProbe:
 
 
 def shared_probe(pooled: torch.Tensor, union: Sequence[int], columns: Sequence[int], pos_rows: Mapping[str, int], neg_idx: torch.Tensor, *,
-                 n_features: int, l2: float, seed: int = 0) -> SharedProbe:
+                 n_features: int, l2: float, seed: int = 0, unseen: Mapping[str, int] | None = None) -> SharedProbe:
     """Fit the shared any-harm probe (``SharedProbe``) on pooled ``columns`` (into ``union``): ``pos_rows`` maps each
-    positive text to its row, ``neg_idx`` are the negatives' rows."""
+    positive text to its row, ``neg_idx`` are the negatives' rows. ``unseen`` (text -> row): positives it is not fitted
+    on (jailbreak-wrapped ones, by default); their score joins ``oof_pos`` as it is (the probe never saw them)."""
     cols = torch.tensor(sorted(set(columns)), dtype=torch.long)
     texts = list(pos_rows)
     pos_idx = torch.tensor([pos_rows[t] for t in texts], dtype=torch.long)
     fit = fit_detector(pooled[pos_idx][:, cols], pooled[neg_idx][:, cols], n_features=min(n_features, len(cols)), l2=l2, seed=seed)
     kept = cols[torch.tensor(fit.keep, dtype=torch.long)]
     weights = torch.tensor([round(float(w), 6) for w in fit.weights])
-    return SharedProbe([int(union[j]) for j in kept], weights, pooled[:, kept] @ weights, dict(zip(texts, fit.oof_pos.tolist(), strict=True)),
-                       fit.oof_neg, len(texts))
+    scores = pooled[:, kept] @ weights
+    oof = {t: float(scores[r]) for t, r in (unseen or {}).items()}
+    oof.update(zip(texts, fit.oof_pos.tolist(), strict=True))
+    return SharedProbe([int(union[j]) for j in kept], weights, scores, oof, fit.oof_neg, len(texts))
 
 
 def _add_shared(det: Detector, fit: DetectorFit, shared: SharedProbe, k: float, pos_texts: Sequence[str]) -> tuple[Detector, DetectorFit]:
@@ -309,9 +312,14 @@ def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptS
     design = pooled if last is None or not chosen.last else torch.cat([pooled, last], 1)  # DetectConfig.columns' layout
     shared: SharedProbe | None = None
     if cfg.shared_harm > 0:
-        shared = shared_probe(pooled, union, [union.index(f) for c in cats for f in candidates(c, None, chosen.n_candidates)],
-                              {t: index[t] for c in cats for t in pos_texts[c]}, neg_idx, n_features=cfg.shared_features, l2=cfg.shared_l2,
-                              seed=cfg.seed)
+        # the shared probe learns harm from plain requests; the wrapped ones (their template's end in view) are scored, not fitted, unless
+        # shared_wrapped: fitted on them, it learned the templates (docs/eval/shared.md)
+        in_template = {t for ts in wrapped.values() for t in ts}
+        every = {t: index[t] for c in cats for t in pos_texts[c]}
+        fitted = {t: r for t, r in every.items() if cfg.shared_wrapped or t not in in_template}
+        shared = shared_probe(pooled, union, [union.index(f) for c in cats for f in candidates(c, None, chosen.n_candidates)], fitted, neg_idx,
+                              n_features=cfg.shared_features, l2=cfg.shared_l2, seed=cfg.seed,
+                              unseen={t: r for t, r in every.items() if t not in fitted})
     for c in cats:
         cand = candidates(c, None, chosen.n_candidates)
         cols = torch.tensor(chosen.columns([union.index(f) for f in cand], width))

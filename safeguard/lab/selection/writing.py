@@ -266,9 +266,12 @@ def _provenance(llm: Any, c: SelectConfig, prep: Prepared, det: Detectors, level
                            "validation recall (detection only, no generation)"),
         "shared_harm": ({"share": c.shared_harm, "features": len(det.shared.features), "l2": c.shared_l2, "positives": det.shared.n_positives,
                          "negatives": len(det.neg_texts),
-                         "rule": "a class-balanced logistic probe of every category's select-part positives (jailbreak-wrapped included) against "
-                                 f"the harmless ones, on the union of the categories' candidates, the {c.shared_features} strongest features kept "
-                                 "and refitted as the mean of 5 fold probes; each category's detector adds it times share x (spread of the "
+                         "fitted_on_wrapped": c.shared_wrapped,
+                         "rule": "a class-balanced logistic probe of every category's select-part positives ("
+                                 + ("jailbreak-wrapped included" if c.shared_wrapped else "plain ones; the jailbreak-wrapped ones scored, not fitted")
+                                 + ") against the harmless ones (jailbreak-wrapped included), on the union of the categories' candidates, the "
+                                 f"{c.shared_features} strongest features kept and refitted as the mean of 5 fold probes; each category's detector "
+                                 "adds it times share x (spread of the "
                                  "category score / spread of the shared score on the harmless select-part prompts), weights summed per feature; "
                                  "thresholds are placed on the summed out-of-fold scores"}
                         if det.shared is not None else None),
