@@ -23,7 +23,7 @@ SG=${SG:-.venv/bin/safeguard}
 
 $SG select --out safeguard/bundled/smollm2-135m-instruct/pack.yaml --refusal-style dense --positions generated \
   --opener "I'm sorry, but I don't have the ability to help with that." --after-opener end --strength 0.375 --max-val-fpr 0.04 --min-margin -1.0 \
-  --window 64 --n-detect-candidates 64 --n-detect-features 48 --detect-l2 1
+  --window 64 --n-detect-candidates 64 --n-detect-features 48 --detect-l2 1 --shared-harm 1 --shared-features 256 --shared-l2 0.1
 
 for name in default eu us; do
   $SG eval "$name" --out "docs/eval/$name"

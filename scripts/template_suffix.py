@@ -88,7 +88,6 @@ def main() -> int:
     lines = [f"| Prompt | Harmful fired (n={args.n}) | Benign fired (n={args.n}) |", "|---|---|---|"]
     lines += [f"| {name} | {r['harmful']:.0%} | {r['benign']:.0%} |" for name, r in table.items()]
     lines += ["", "Suffix lengths in tokens: " + ", ".join(f"{k} {v}" for k, v in suffix_tokens.items()) + f"; the window reads the last {window}."]
-    (args.out.parent / f"{args.out.name}_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
