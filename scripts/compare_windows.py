@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ def main() -> int:
     from safeguard import SteeredLLM
     from safeguard.lab import datasets as ds
     from safeguard.lab.recording import encode_prompt, layer_outputs, tail
-    from safeguard.lab.selection.data import selection_data
+    from safeguard.lab.selection.data import plain_validation, selection_data
 
     pack = yaml.safe_load(Path(args.pack).read_text())
     cats = {}
@@ -63,11 +62,7 @@ def main() -> int:
     tok = llm.tokenizer
     data = selection_data()
     train_t, _ = ds.split_templates(ds.load_jailbreak_templates())
-    rng = random.Random(0)
-    harmful = [p for p in data.harmful_val if isinstance(p.text, str)]
-    benign = [p for p in data.harmless_val if isinstance(p.text, str)]
-    rng.shuffle(harmful)
-    rng.shuffle(benign)
+    harmful, benign = plain_validation(data)
 
     def margin(f: torch.Tensor, m: list[bool]) -> float:
         keep = torch.tensor(m)

@@ -17,6 +17,9 @@
 # prompts in the train templates). With the window, leave-one-source-out prefers top32->12 at L2 0.01, whose
 # validation sweep refuses +9 points of benign prompts (over the 4-point budget); the configuration shipped before,
 # top64->48 at L2 1, is fixed instead (+3). Rerun with warm caches, this rewrote the pack byte for byte (2026-12-03).
+# Every detector adds a shared any-harm probe (--shared-harm 1 --shared-features 256 --shared-l2 0.1), fitted on the plain
+# positives of every category: chosen by leave-one-source-out with select's own calibration (scripts/compare_shared.py,
+# docs/eval/shared.md; selection's data only). Warm caches: about 8 minutes (2026-12-03).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SG=${SG:-.venv/bin/safeguard}

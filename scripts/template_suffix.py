@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ def main() -> int:
     from safeguard import SteeredLLM
     from safeguard.lab import datasets as ds
     from safeguard.lab.selection import Detector, detection_scores
-    from safeguard.lab.selection.data import selection_data
+    from safeguard.lab.selection.data import plain_validation, selection_data
 
     llm = SteeredLLM.from_pretrained(policy=None, pack=args.pack)
     pack = llm.pack
@@ -58,11 +57,7 @@ def main() -> int:
     (window,), (layer,) = windows, layers
     data = selection_data()
     train_t, _ = ds.split_templates(ds.load_jailbreak_templates())
-    rng = random.Random(0)
-    harmful = [p for p in data.harmful_val if isinstance(p.text, str)]
-    benign = [p for p in data.harmless_val if isinstance(p.text, str)]
-    rng.shuffle(harmful)
-    rng.shuffle(benign)
+    harmful, benign = plain_validation(data)
     work = [("harmful", p) for p in harmful[:args.n]] + [("benign", p) for p in benign[:args.n]]
     variants = {"plain": lambda p, t: p.text, "plain + medium suffix": lambda p, t: f"{p.text}\n\n{SUFFIXES['medium']}",
                 "template": lambda p, t: t.apply(p.text)}

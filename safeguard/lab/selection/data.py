@@ -101,6 +101,20 @@ def selection_data(*, seed: int = 0, val: float = 0.2, held_out: float = 0.3, ha
 
 
 
+def plain_validation(data: SelectionData, *, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """The validation part's single-message prompts (no conversations), harmful and harmless, each shuffled with
+    ``random.Random(seed)`` (one generator, harmful first): the samples the lab's template measurements wrap."""
+    import random
+
+    rng = random.Random(seed)
+    harmful = [p for p in data.harmful_val if isinstance(p.text, str) and not isinstance(p.text, Chat)]
+    benign = [p for p in data.harmless_val if isinstance(p.text, str) and not isinstance(p.text, Chat)]
+    rng.shuffle(harmful)
+    rng.shuffle(benign)
+    return harmful, benign
+
+
+
 def _cached(path: Path, make: Callable[[], Any]) -> Any:
     """``make()``, cached at ``path`` (a ``.safetensors`` file; see ``safeguard.lab._cache``: never a pickle)."""
     from .._cache import cached
