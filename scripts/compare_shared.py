@@ -34,7 +34,7 @@ from safeguard.lab.selection import SelectConfig, fit_detectors, prepare, prompt
 from safeguard.lab.selection.data import Chat
 from safeguard.lab.selection.detection import choose_threshold, fit_detector, greedy_margins
 from safeguard.lab.selection.generalize import family
-from safeguard.lab.selection.stages import shared_probe
+from safeguard.lab.selection.stages import shared_probe, shared_scale
 from safeguard.runtime.llm import SteeredLLM
 
 PACK = dict(detect_window=64, n_detect_candidates=64, n_detect_features=48, detect_l2=1.0, max_val_fpr=0.04, min_margin=-1.0)
@@ -106,7 +106,7 @@ def main() -> None:
             s, st = pooled[:, kept] @ fit.weights, in_templates[:, kept] @ fit.weights
             op, on = fit.oof_pos, fit.oof_neg
             if shared is not None:  # as stages.fit_detectors scales it
-                kk = k * float(s[neg_idx].std()) / float(shared.scores[neg_idx].std())
+                kk = shared_scale(k, s[neg_idx], shared.scores[neg_idx])
                 sh_cols = torch.tensor([union.index(f) for f in shared.features])
                 st = st + kk * (in_templates[:, sh_cols] @ shared.weights)
                 s, op, on = s + kk * shared.scores, op + kk * torch.tensor([shared.oof_pos[t] for t in ts]), on + kk * shared.oof_neg

@@ -195,8 +195,8 @@ class Detectors:
 
 @dataclass(frozen=True)
 class SharedProbe:
-    """A probe of any harm: every category's select-part positives (jailbreak-wrapped included) against the harmless
-    prompts, on the union of the categories' candidates. It has about ten times the positives of one category, so its
+    """A probe of any harm: every category's plain select-part positives (the jailbreak-wrapped ones too with
+    ``shared_wrapped``) against the harmless prompts, on the union of the categories' candidates. It has about ten times the positives of one category, so its
     direction is better estimated; each category's detector adds it, scaled (``shared_harm``), to its own probe. Both
     are weighted sums of the same pooled features, so the sum is one detector of the pack's form, exactly as scored."""
 
@@ -227,6 +227,12 @@ def shared_probe(pooled: torch.Tensor, union: Sequence[int], columns: Sequence[i
     oof = {t: float(scores[r]) for t, r in (unseen or {}).items()}
     oof.update(zip(texts, fit.oof_pos.tolist(), strict=True))
     return SharedProbe([int(union[j]) for j in kept], weights, scores, oof, fit.oof_neg, len(texts))
+
+
+def shared_scale(share: float, own_neg: torch.Tensor, shared_neg: torch.Tensor) -> float:
+    """The multiple of the shared probe a category detector adds: ``share`` x the spread of the category's own score on
+    the harmless prompts / the shared probe's spread on them (so ``share`` is in the category score's own units)."""
+    return share * float(own_neg.std()) / max(float(shared_neg.std()), 1e-12)
 
 
 def _add_shared(det: Detector, fit: DetectorFit, shared: SharedProbe, k: float, pos_texts: Sequence[str]) -> tuple[Detector, DetectorFit]:
@@ -329,8 +335,7 @@ def fit_detectors(llm: Any, config: SelectConfig, prep: Prepared, stats: PromptS
         det = _detector(c, [int(cols[i]) for i in fit.keep], fit.weights, union, cfg.detect_reduce, chosen.last)
         if shared is not None:  # k in the category score's own units: shared_harm x its spread on the harmless prompts / the shared one's
             own = pooled[neg_idx][:, torch.tensor([union.index(f) for f in det.features])] @ torch.tensor(det.weights)
-            k = cfg.shared_harm * float(own.std()) / max(float(shared.scores[neg_idx].std()), 1e-12)
-            det, fit = _add_shared(det, fit, shared, k, pos_texts[c])
+            det, fit = _add_shared(det, fit, shared, shared_scale(cfg.shared_harm, own, shared.scores[neg_idx]), pos_texts[c])
         detectors.append(det)
         fits[c] = fit
         fidx = torch.tensor([union.index(f) for f in det.features])
