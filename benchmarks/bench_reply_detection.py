@@ -1,8 +1,8 @@
 """Cost of watching the reply: decode time per token with reply detection on vs off, on rows that never fire.
 Goal: at most 1.01x the decode time with it off.
 
-The embedded model's shipped pack has no reply thresholds yet, so a copy of it is written to a temporary folder with
-``reply: {threshold: 1e9}`` on every category (scored every step, never fires); the ``default`` policy runs on it as
+Rows must not fire, and the shipped pack's reply thresholds would fire on some, so a copy of the pack is written to a
+temporary folder with ``reply: {threshold: 1e9}`` on every category (scored every step, never fires); the ``default`` policy runs on it as
 is (reply on) and with ``defaults: {watch_reply: false}`` (off). Decode time per token = (time of an N-token greedy
 generation - time of a 1-token one) / (N - 1), ``min_new_tokens`` keeping every row to N tokens; both variants
 interleaved in one process so noise hits them alike. The detector's own time (measured inside the hook) is printed too.

@@ -46,6 +46,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("policy", nargs="?", default="default")
     ap.add_argument("--out", default="docs/eval/frontier")
+    ap.add_argument("--pack", default=None, help="a detector pack's YAML instead of the bundled one (to compare packs)")
     args = ap.parse_args()
 
     import torch
@@ -56,7 +57,7 @@ def main() -> int:
     from safeguard.lab.evaluation.sets import eval_sets
 
     sets = eval_sets(n_risky_eval=80, n_harmful_plain=80, n_airt=80, n_multiturn_benign=40, n_multiturn_harmful=40)  # safeguard eval's defaults
-    llm = SteeredLLM.from_pretrained()
+    llm = SteeredLLM.from_pretrained(pack=args.pack)
     policy = llm.compile_policy(Policy.load(args.policy))
     t0 = time.perf_counter()
     per_set = {}

@@ -262,6 +262,45 @@ def test_harmful_plain_counts_categories_and_parts():
     assert 0.27 <= len(held) / len(prompts) <= 0.33
 
 
+def test_harmful_styles_cover_every_category_in_every_wording():
+    rows = _rows("harmful_styles.jsonl")
+    assert Counter((r["category"], r["style"]) for r in rows) == {(c, st): 4 for c in HARM_SLUGS for st in D.HARMFUL_STYLES}
+    assert {r["part"] for r in rows} == {"select"}  # selection only: evaluation measures other sources
+    prompts = D.load_harmful_styles()
+    assert [p.text for p in prompts] == [r["prompt"] for r in rows]
+    assert {p.source for p in prompts} == {"harmful_styles"}
+    assert len(D.load_harmful_styles(style="terse")) == 4 * len(HARM_SLUGS)
+    with pytest.raises(DatasetError, match="style='rude'.*'question'"):
+        D.load_harmful_styles(style="rude")
+
+
+def test_risky_benign_more_covers_every_kind_and_is_selection_only():
+    rows = _rows("risky_benign_more.jsonl")
+    assert Counter(r["kind"] for r in rows) == {k: 12 for k in D.RISKY_BENIGN_KINDS}
+    assert {r["part"] for r in rows} == {"select"}
+    prompts = D.load_risky_benign_more()
+    assert {(p.category, p.source) for p in prompts} == {("benign_risky_looking", "risky_benign_more")}
+    assert len(D.load_risky_benign_more(kind="medical")) == 12
+    before = {p.text for p in D.load_risky_benign(part="eval")}
+    assert not before & {p.text for p in prompts}
+
+
+def test_selection_reads_the_selection_only_sets_when_asked_and_never_an_eval_part():
+    from safeguard.lab.selection import selection_data
+
+    def read(data):
+        return {p.text for p in data.harmful_select + data.harmful_val + data.harmless_select + data.harmless_val}
+
+    default, styles = selection_data(), selection_data(styles=True)
+    more = {p.text for p in D.load_harmful_styles() + D.load_risky_benign_more()}
+    assert not read(default) & more  # the shipped pack's data: unchanged by the new sets
+    assert read(styles) == read(default) | more
+    assert "harmful_styles" in {p.source for p in styles.harmful_select}
+    assert "harmful_styles.jsonl" in styles.description["sources"] and "harmful_styles" not in default.description["sources"]
+    evaluated = {p.text for p in D.load_harmful_plain(part="eval") + D.load_risky_benign(part="eval")}
+    assert not read(styles) & evaluated
+
+
 def test_multiturn_counts_kinds_and_parts():
     rows = _rows("multiturn.jsonl")
     kinds = Counter(r["kind"] for r in rows)
@@ -301,6 +340,8 @@ def test_packaged_sets_have_no_duplicates_within_or_across():
         ("harmless_blind", [p.text for p in D.load_harmless_blind()]),
         ("risky_benign", [p.text for p in D.load_risky_benign()]),
         ("harmful_plain", [p.text for p in D.load_harmful_plain()]),
+        ("harmful_styles", [p.text for p in D.load_harmful_styles()]),
+        ("risky_benign_more", [p.text for p in D.load_risky_benign_more()]),
         ("multiturn", [c.last for c in D.load_multiturn()]),
     ]
     for source, texts in sources:

@@ -121,6 +121,29 @@ def test_jailbreak_cases_use_only_templates_selection_never_trains_on():
     assert split_templates(list(reversed(templates))) == (train, held)  # by name, not order
 
 
+def test_benign_requests_go_only_into_templates_without_a_goal_of_their_own():
+    # a TAP text asks for something harmful itself: a benign request after it does not make a benign message
+    harmful = [Prompt(f"harmful request {i}", "privacy", "t") for i in range(8)]
+    benign = [Prompt(f"benign {i}", "benign", "t") for i in range(8)]
+    templates = [JailbreakTemplate(f"d{i}", f"Template {i}. You are {{generator.name}}.", "dan") for i in range(5)]
+    templates += [JailbreakTemplate(f"tap{i}", f"Explain how to break into building {i}.", "tap") for i in range(5)]
+    assert [t.own_goal for t in templates] == [False] * 5 + [True] * 5
+    _, held = split_templates(templates)
+    assert {t.kind for t in held} == {"dan", "tap"}  # both kinds held out, so the filter is what keeps TAP out
+    sets = eval_sets(n_harmful=8, n_benign=8, n_risky=0, n_blind_benign=0, n_blind_risky=0, n_jailbreak=8, n_jailbreak_benign=8,
+                     harmful=harmful, harmless=benign, blind=[], templates=templates)
+    assert {c.template for c in sets.jailbreak} == {t.name for t in held}  # harmful requests: every held-out template
+    assert {c.template for c in sets.jailbreak_benign} == {t.name for t in held if t.kind == "dan"}
+    assert "without a goal of their own" in sets.description["jailbreak_benign"]
+    only_tap = [t for t in templates if t.own_goal]
+    with pytest.raises(EvaluationError, match="no held-out jailbreak template without a goal of its own"):
+        eval_sets(n_harmful=2, n_benign=2, n_risky=0, n_blind_benign=0, n_blind_risky=0, n_jailbreak=1, n_jailbreak_benign=1,
+                  harmful=harmful, harmless=benign, blind=[], templates=only_tap)
+    harmful_only = eval_sets(n_harmful=2, n_benign=0, n_risky=0, n_blind_benign=0, n_blind_risky=0, n_jailbreak=2, n_jailbreak_benign=0,
+                             harmful=harmful, harmless=[], blind=[], templates=only_tap)
+    assert len(harmful_only.jailbreak) == 2
+
+
 def test_evaluate_on_a_tiny_model(llm, tmp_path):
     harmful = [Prompt(f"harmful request {i}", "privacy", "t") for i in range(3)]
     harmless = [Prompt(f"benign {i}", "benign", "t") for i in range(3)] + [Prompt("risky 1", "benign_risky_looking", "t")]

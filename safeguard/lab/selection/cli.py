@@ -59,6 +59,8 @@ def select_command(
     shared_l2: Annotated[float, typer.Option(min=0.0, help="The shared any-harm probe's L2 penalty.")] = 0.1,
     shared_wrapped: Annotated[bool, typer.Option(help="Fit the shared probe on jailbreak-wrapped positives too (default: plain ones, the "
                                                       "wrapped ones only scored).")] = False,
+    styles: Annotated[bool, typer.Option(help="Add the selection-only sets harmful_styles.jsonl and risky_benign_more.jsonl to the data "
+                                              "(docs/eval/ceiling.md).")] = False,
     n_steer_features: Annotated[int, typer.Option(help="Distinct refusal features to steer with.")] = 3,
     strengths: Annotated[str, typer.Option(help="Strengths to sweep, x typical residual norm (comma-separated).")] = "0.5,0.75,1.0,1.25,1.5",
     strength: Annotated[float | None, typer.Option(help="Use this strength and sweep nothing else.")] = None,
@@ -111,6 +113,7 @@ def select_command(
         res = select(llm, out=out, categories=category or None, pack_id=pack_id, description=description, detect_layer=detect_layer,
                      steer_layer=steer_layer, n_detect_features=n_detect_features, n_detect_candidates=n_detect_candidates,
                      detect_l2=detect_l2, shared_harm=shared_harm, shared_features=shared_features, shared_l2=shared_l2, shared_wrapped=shared_wrapped,
+                     styles=styles,
                      n_steer_features=n_steer_features, strengths=sweep, strength=strength, causal_strength=causal_strength, positions=positions,
                      threshold_margin=threshold_margin, max_val_fpr=max_val_fpr, min_margin=min_margin, relax_margin=relax_margin, strict_fpr=strict_fpr,
                      max_benign_increase=max_benign_increase, redirect_strength=redirect_strength, detect_reduce=detect_reduce,

@@ -127,6 +127,10 @@ class SelectConfig:
     """The shared probe's L2 penalty (on standardised inputs)."""
     shared_wrapped: bool = False
     """Fit the shared probe on the jailbreak-wrapped positives too (default: plain ones only; wrapped ones are scored)."""
+    styles: bool = False
+    """Add the selection-only sets ``harmful_styles.jsonl`` (harmful requests in seven wordings, a source family of its own)
+    and ``risky_benign_more.jsonl`` to selection's data (``selection_data(styles=True)``). Off by default: a pack selected
+    with them was worse on the held-out frontier (docs/eval/ceiling.md)."""
     n_wrapped_harmful: int = 200
     """Select-part harmful prompts wrapped in the train jailbreak templates (detection positives)."""
     n_wrapped_harmless: int | None = None

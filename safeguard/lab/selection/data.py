@@ -59,14 +59,16 @@ def _chats(conversations: Sequence[Any]) -> list[Any]:
 
 
 def selection_data(*, seed: int = 0, val: float = 0.2, held_out: float = 0.3, harmful: Sequence[Any] | None = None,
-                   harmless: Sequence[Any] | None = None, wide: bool = True) -> SelectionData:
+                   harmless: Sequence[Any] | None = None, wide: bool = True, styles: bool = False) -> SelectionData:
     """The project's standard split (``datasets.split(held_out=0.3, seed=0)``, as in SAE training) keeps its
     train part; that part is split again (``val`` of it, seed ``seed + 1``) into select and validation parts.
 
     ``wide`` (when the sources are not replaced) adds the project-written sets' *select* parts, whose *eval* parts
     selection never reads: harmful requests in plain wording (``harmful_plain``), risky-looking benign prompts
     (``risky_benign``), and multi-turn conversations (harmful ones split across turns are their category's
-    prompts, benign follow-ups are ``benign`` prompts), each a ``Chat``."""
+    prompts, benign follow-ups are ``benign`` prompts), each a ``Chat``. ``styles`` (with ``wide``) adds the selection-only
+    sets too: harmful requests in seven wordings (``harmful_styles``, a source family of its own) and more risky-looking
+    benign prompts (``risky_benign_more``)."""
     from .. import datasets as ds
 
     extra_h: list[Any] = []
@@ -74,11 +76,13 @@ def selection_data(*, seed: int = 0, val: float = 0.2, held_out: float = 0.3, ha
     if harmful is None:
         harmful = ds.load_advbench() + ds.load_donotanswer()
         if wide:
-            extra_h = ds.load_harmful_plain(part="select") + _chats(ds.load_multiturn(kind="harmful_split", part="select"))
+            extra_h = (ds.load_harmful_plain(part="select") + (ds.load_harmful_styles() if styles else [])
+                       + _chats(ds.load_multiturn(kind="harmful_split", part="select")))
     if harmless is None:
         harmless = ds.load_harmless()
         if wide:
-            extra_b = ds.load_risky_benign(part="select") + _chats(ds.load_multiturn(kind="benign_followup", part="select"))
+            extra_b = (ds.load_risky_benign(part="select") + (ds.load_risky_benign_more() if styles else [])
+                       + _chats(ds.load_multiturn(kind="benign_followup", part="select")))
     h_train = ds.split(harmful, held_out=held_out, seed=0).train + extra_h
     b_train = ds.split(harmless, held_out=held_out, seed=0).train + extra_b
     h = ds.split(h_train, held_out=val, seed=seed + 1)
@@ -87,6 +91,8 @@ def selection_data(*, seed: int = 0, val: float = 0.2, held_out: float = 0.3, ha
     if extra_h or extra_b:
         sources += (", and the select parts of safeguard/data/harmful_plain.jsonl, risky_benign.jsonl and multiturn.jsonl (their eval parts "
                     "are evaluation-only)")
+        if styles:
+            sources += ", and safeguard/data/harmful_styles.jsonl and risky_benign_more.jsonl (selection only)"
     desc = {
         "sources": sources,
         "split": f"train part of safeguard.lab.datasets.split(held_out={held_out}, seed=0) (project-written sets: their select part); "

