@@ -20,6 +20,9 @@
 # Every detector adds a shared any-harm probe (--shared-harm 1 --shared-features 256 --shared-l2 0.1), fitted on the plain
 # positives of every category: chosen by leave-one-source-out with select's own calibration (scripts/compare_shared.py,
 # docs/eval/shared.md; selection's data only). Warm caches: about 8 minutes (2026-12-03).
+# The policies (policies/*.yaml, written by people) turn reply watching off since default 2.1.0: on validation prompts it
+# refused no more harmful prompts and changed 7.9% of benign replies (scripts/reply_watch_value.py, docs/eval/reply_watch.json).
+# What limits detection, on selection's data: scripts/ceiling.py (docs/eval/ceiling.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SG=${SG:-.venv/bin/safeguard}
