@@ -2,8 +2,8 @@
 Goal: at most 1.01x the decode time with it off.
 
 Rows must not fire, and the shipped pack's reply thresholds would fire on some, so a copy of the pack is written to a
-temporary folder with ``reply: {threshold: 1e9}`` on every category (scored every step, never fires); the ``default`` policy runs on it as
-is (reply on) and with ``defaults: {watch_reply: false}`` (off). Decode time per token = (time of an N-token greedy
+temporary folder with ``reply: {threshold: 1e9}`` on every category (scored every step, never fires); the ``default`` policy runs on it
+with ``defaults: {watch_reply: true}`` (on; the shipped policy has it off) and ``false`` (off). Decode time per token = (time of an N-token greedy
 generation - time of a 1-token one) / (N - 1), ``min_new_tokens`` keeping every row to N tokens; both variants
 interleaved in one process so noise hits them alike. The detector's own time (measured inside the hook) is printed too.
 
@@ -47,8 +47,8 @@ def main() -> None:
             c["reply"] = {"threshold": 1e9}
         (folder / "pack.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         llm = SteeredLLM.from_pretrained(pack=folder / "pack.yaml")
-        on = Policy.load("default")
-        off = Policy.from_dict({**on.model_dump(mode="json"), "name": "default-no-reply", "defaults": {**on.defaults.model_dump(), "watch_reply": False}})
+        default = Policy.load("default")
+        on, off = default.with_defaults("default-reply", watch_reply=True), default.with_defaults("default-no-reply", watch_reply=False)
         variants = {"off": off, "on": on}
         watched = sum(len(d.categories) for d in llm.compile_policy(on).reply.values())
         print(f"model {llm.model_name}, policy default on pack {llm.pack.id} + reply thresholds 1e9 ({watched} categories watched), "

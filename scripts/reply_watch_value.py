@@ -1,10 +1,10 @@
-"""What watching the reply adds, on selection's validation prompts (issue 9 §3b): the policy as shipped against the
-same policy with ``watch_reply: false``.
+"""What watching the reply adds, on selection's validation prompts (issue 9 §3b): a policy with ``watch_reply: true``
+against the same policy with ``watch_reply: false``.
 
 Reply watching reads the generated positions with each category's detector and, when one fires, applies the category's
 response from that token on. On `safeguard eval`'s held-out sets it fired on 13 harmful rows and 16 of 350 benign ones,
-and refused no harmful row more than the unsteered model did (`docs/eval/default/report.md`, "fired only while the reply
-was written"). Deciding the shipped default on those sets would tune on them, so this measures the same trade on the
+and refused no harmful row more than the unsteered model did (the report of `default` 2.0.0, which watched replies:
+"fired only while the reply was written"). Deciding the shipped default on those sets would tune on them, so this measures the same trade on the
 validation part of selection's data (never read by `safeguard eval`), with a rule fixed before the run:
 
     reply watching stays on in a policy when, on the validation prompts, it raises harmful refusal by at least as many
@@ -48,8 +48,8 @@ def main() -> int:
 
     start = time.time()
     llm = SteeredLLM.from_pretrained()
-    on = Policy.load(args.policy)
-    off = Policy.from_dict({**on.model_dump(mode="json"), "name": f"{on.name}-no-reply", "defaults": {**on.defaults.model_dump(), "watch_reply": False}})
+    base = Policy.load(args.policy)  # the shipped policies have it off since default 2.1.0: both variants say it
+    on, off = base.with_defaults(f"{base.name}-reply", watch_reply=True), base.with_defaults(f"{base.name}-no-reply", watch_reply=False)
     data = selection_data()
     sets = {"harmful": [p.text for p in data.harmful_val], "benign": [p.text for p in data.harmless_val]}
     judge = PhraseJudge()

@@ -168,6 +168,19 @@ def test_shipped_policies_are_short_and_load_by_name():
     assert Policy.load("us").response_of("operational_misuses") == "off"
 
 
+def test_a_variant_replaces_only_the_defaults_it_names_and_is_validated():
+    eu = Policy.load("eu")
+    assert not any(eu.watches_reply(c) for c in eu.enforced)  # the shipped policies watch no replies (default 2.1.0)
+    on = eu.with_defaults("eu-reply", watch_reply=True)
+    assert on.name == "eu-reply" and all(on.watches_reply(c) for c in on.enforced)
+    assert not any(eu.watches_reply(c) for c in eu.enforced)  # the policy itself is untouched
+    assert on.enforced == eu.enforced and on.response_of("self_harm") == "block" and on.sensitivity_of("privacy") == "strict"
+    assert on.model_dump(exclude={"name", "defaults"}) == eu.model_dump(exclude={"name", "defaults"})
+    assert on.with_defaults("eu", watch_reply=False).model_dump() == eu.model_dump()
+    with pytest.raises(PolicyError, match=r"defaults\.watch_reply"):
+        eu.with_defaults("eu-bad", watch_reply="sometimes")
+
+
 def test_one_eu_policy_loads_on_both_shipped_packs():
     from safeguard.runtime.pack import bundled_packs
 

@@ -305,6 +305,12 @@ class Policy(Strict):
         except ValidationError as exc:
             raise PolicyError(describe_validation(exc, source, "policy")) from None
 
+    def with_defaults(self, name: str, **defaults: Any) -> Policy:
+        """This policy under another ``name`` with some of its ``defaults`` replaced, validated like any policy: a
+        variant to measure beside it, e.g. ``policy.with_defaults("default-no-reply", watch_reply=False)``."""
+        data = {**self.model_dump(mode="json"), "name": name, "defaults": {**self.defaults.model_dump(mode="json"), **defaults}}
+        return Policy.from_dict(data, source=f"{self.name} with defaults {defaults}", base_dir=self.base_dir, chain=self.chain)
+
     def to_yaml(self) -> str:
         import yaml
 

