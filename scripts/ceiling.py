@@ -42,7 +42,7 @@ import torch
 
 from safeguard.lab.recording import encode_prompt, layer_outputs
 from safeguard.lab.selection import SelectConfig, prepare
-from safeguard.lab.selection.activations import _left_pad_mask, _token_batches
+from safeguard.lab.selection.activations import _left_pad_mask, _pool, _token_batches
 from safeguard.lab.selection.data import Chat
 from safeguard.lab.selection.detection import fit_probe
 from safeguard.lab.selection.generalize import auc, family, threshold_at
@@ -69,25 +69,26 @@ def represent(llm, texts: list, layers: list[int], sae_layers: list[int], *, bat
         acts, attn = layer_outputs(llm.model, [ids for _, (ids, _) in batch], every, pad_id=pad)
         user = _left_pad_mask([m for _, (_, m) in batch], attn.shape[1])
         rows = torch.tensor([i for i, _ in batch])
-        at = last_positions(user)
-        n = user.sum(1, keepdim=True).clamp(min=1).float()
+        at, row_of = last_positions(user), user.nonzero()[:, 0]
         for layer in layers:
-            a = acts[layer]
-            out[f"resid {layer} mean"][rows] = (a * user[..., None]).sum(1) / n
-            out[f"resid {layer} last"][rows] = a[torch.arange(len(batch)), at]
+            out[f"resid {layer} mean"][rows] = _pool(acts[layer][user], row_of, len(batch), "mean")
+            out[f"resid {layer} last"][rows] = acts[layer][torch.arange(len(batch)), at]
         for layer in sae_layers:
-            f = encoders[layer](acts[layer][user].to(llm.device)).float().cpu()
-            pooled = torch.zeros(len(batch), f.shape[1])
-            pooled = pooled.scatter_reduce(0, user.nonzero()[:, 0][:, None].expand_as(f), f, "amax", include_self=False)
-            out[f"sae {layer} max"][rows] = pooled
+            out[f"sae {layer} max"][rows] = _pool(encoders[layer](acts[layer][user].to(llm.device)).float(), row_of, len(batch), "max")
     return out
+
+
+def probe_scores(x: torch.Tensor, pos: list[int], neg: list[int], val_b: list[int], *, l2: float, budget: float) -> tuple[torch.Tensor, float]:
+    """Every row's score under a probe fitted on rows ``pos`` against ``neg``, and the threshold at which ``budget`` of
+    rows ``val_b`` fire."""
+    w, b = fit_probe(x[pos], x[neg], l2=l2)
+    s = x @ w + b
+    return s, threshold_at(s[val_b], budget)
 
 
 def measure(x: torch.Tensor, pos: list[int], neg: list[int], val_b: list[int], measured: list[int], *, l2: float, budget: float,
             risky: list[int]) -> dict[str, float]:
-    w, b = fit_probe(x[pos], x[neg], l2=l2)
-    s = x @ w + b
-    t = threshold_at(s[val_b], budget)
+    s, t = probe_scores(x, pos, neg, val_b, l2=l2, budget=budget)
     return {"recall": round(float((s[measured] >= t).float().mean()), 4), "auc": round(auc(s[measured], s[val_b]), 4),
             "risky_fired": round(float((s[risky] >= t).float().mean()), 4)}
 
@@ -138,9 +139,7 @@ def main() -> None:
             for k in range(5):
                 pos = [index[t] for t in train_h if fold_of[t] != k]
                 held = [t for t in train_h if fold_of[t] == k]
-                w, b = fit_probe(x[pos], x[neg], l2=l2)
-                s = x @ w + b
-                thr = threshold_at(s[vb], args.budget)
+                s, thr = probe_scores(x, pos, neg, vb, l2=l2, budget=args.budget)
                 for t in held:
                     ind[fam_of[t]]["hit"] += int(s[index[t]] >= thr)
                     ind[fam_of[t]]["n"] += 1
